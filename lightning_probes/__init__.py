@@ -1,0 +1,31 @@
+"""lightning_probes: research diagnostics as PyTorch Lightning callbacks, live in TensorBoard.
+
+The callbacks live in :mod:`lightning_probes.callbacks`; the same quantities are available
+without Lightning in :mod:`lightning_probes.core` and :mod:`lightning_probes.functional`.
+Callbacks are imported lazily, so ``import lightning_probes.core`` never imports Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first access)
+_CALLBACKS = {
+    "ProbeCallback": "lightning_probes.callbacks.base",
+    "ProbeSchedule": "lightning_probes.callbacks.schedule",
+}
+
+__all__ = [*_CALLBACKS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CALLBACKS:
+        return getattr(importlib.import_module(_CALLBACKS[name]), name)
+    raise AttributeError(f"module 'lightning_probes' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

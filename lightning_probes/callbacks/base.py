@@ -1,0 +1,291 @@
+"""``ProbeCallback``: the Lightning glue every probe stands on.
+
+It decides *when* a probe runs (:class:`~lightning_probes.callbacks.schedule.ProbeSchedule`),
+*on what data* (a fixed probe set, user-given or drawn once from the train loader), *how* it
+runs without altering training (:func:`~lightning_probes.core.isolation.isolated`), and *where*
+results go (:mod:`lightning_probes.logging`). A subclass implements :meth:`ProbeCallback.probe`.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar, Literal
+
+import torch
+from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_probes import logging as plog
+from lightning_probes.callbacks.schedule import ProbeSchedule
+from lightning_probes.core.data import (
+    BatchToInputsTargets,
+    ProbeSet,
+    draw_probe_set,
+    probe_set_from_tensors,
+)
+from lightning_probes.core.isolation import isolated
+
+OnError = Literal["warn", "raise"]
+
+
+class ProbeCallback(Callback):
+    """Base class of every probe: schedule, probe set, isolation, logging, state.
+
+    Subclasses set :attr:`probe_name` (the ``<probe>`` of metric keys), :attr:`needs_grad`
+    and :attr:`default_schedule`, and implement :meth:`probe`, which receives the probe set
+    inside an :func:`~lightning_probes.core.isolation.isolated` scope (eval mode, no autocast,
+    ``.grad`` cleared and restored, RNG, buffers and hooks restored afterwards).
+
+    Args:
+        every_n_steps: Run after every n-th optimizer step (``trainer.global_step``).
+        every_n_epochs: Run at the end of every n-th training epoch.
+        at_steps: Run after exactly these optimizer steps (e.g. log-spaced).
+        start_step: Do not run before this global step.
+        probe_data: Fixed probe data: a tensor of inputs, a tuple ``(inputs, targets)`` or a
+            map-style ``Dataset``. Default: ``probe_size`` samples drawn once from the train
+            dataloader at the start of fitting.
+        probe_size: Number of samples to draw when ``probe_data`` is not given.
+        seed: Seed of the probe-set draw (the same samples on every rank) and of the probe's
+            own randomness.
+        batch_to_inputs_targets: ``batch -> (inputs, targets)`` for batches of other shapes.
+        on_error: ``"warn"`` (default): a failing run is reported once with the probe's name
+            and training continues; ``"raise"``: the error stops training.
+
+    Exactly one of ``every_n_steps``, ``every_n_epochs``, ``at_steps`` may be given; none
+    means the subclass's :attr:`default_schedule`. Probes run during ``fit`` only, never in the
+    sanity check, validation or test loops.
+    """
+
+    probe_name: ClassVar[str] = "probe"
+    needs_grad: ClassVar[bool] = False
+    needs_targets: ClassVar[bool] = False
+    default_schedule: ClassVar[dict[str, Any]] = {"every_n_steps": 50}
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        at_steps: Iterable[int] | None = None,
+        start_step: int = 0,
+        probe_data: Any = None,
+        probe_size: int = 256,
+        seed: int = 0,
+        batch_to_inputs_targets: BatchToInputsTargets | None = None,
+        on_error: OnError = "warn",
+    ) -> None:
+        self.schedule = ProbeSchedule.create(
+            every_n_steps, every_n_epochs, at_steps, start_step, self.default_schedule
+        )
+        if not isinstance(probe_size, int) or isinstance(probe_size, bool) or probe_size < 1:
+            raise ValueError(f"Expected `probe_size` to be a positive int, got {probe_size!r}.")
+        if on_error not in ("warn", "raise"):
+            raise ValueError(f"`on_error` can be 'warn' or 'raise', got {on_error!r}.")
+        if batch_to_inputs_targets is not None and not callable(batch_to_inputs_targets):
+            raise TypeError(
+                "Expected `batch_to_inputs_targets` to be a callable batch -> (inputs, targets), "
+                f"got {type(batch_to_inputs_targets).__name__}."
+            )
+        self.probe_data = probe_data
+        self.probe_size = probe_size
+        self.seed = seed
+        self.batch_to_inputs_targets = batch_to_inputs_targets
+        self.on_error = on_error
+        self._probe_set: ProbeSet | None = (
+            probe_set_from_tensors(probe_data) if probe_data is not None else None
+        )
+        self._runs = 0
+        self._last_step = -1
+        self._seen_step = 0
+        self._failures = 0
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def state_key(self) -> str:
+        """Unique per probe type and configuration, so two probes of a type can coexist."""
+        return self._generate_state_key(**self._state_key_config())
+
+    def _state_key_config(self) -> dict[str, Any]:
+        """Configuration that distinguishes two instances of the same probe (override to add)."""
+        return {
+            "every_n_steps": self.schedule.every_n_steps,
+            "every_n_epochs": self.schedule.every_n_epochs,
+            "at_steps": self.schedule.at_steps,
+            "start_step": self.schedule.start_step,
+        }
+
+    @property
+    def probe_set(self) -> ProbeSet | None:
+        """The fixed probe set (``None`` until fitting starts when it is drawn from data)."""
+        return self._probe_set
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not trainer.loggers:
+            raise ValueError(
+                f"{type(self).__name__} needs a logger to report to, but the Trainer has "
+                "`logger=False`. Pass `logger=True` (TensorBoard) or a logger instance."
+            )
+        if not plog.tensorboard_writers(trainer):
+            self._warn_once(
+                "no-tensorboard",
+                f"{type(self).__name__}: no TensorBoard logger among `trainer.loggers`; "
+                "scalars are still logged, but histograms, images and figures are not. "
+                "Add `pytorch_lightning.loggers.TensorBoardLogger` to see them.",
+            )
+        self.check_model(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._seen_step = trainer.global_step
+        if self._probe_set is None:
+            self._probe_set = self._draw_probe_set(trainer)
+        self._probe_set = self._probe_set.to(pl_module.device)
+        if self.needs_targets and self._probe_set.targets is None:
+            raise ValueError(
+                f"{type(self).__name__} needs targets, but the probe batches have none. Pass "
+                "`probe_data=(inputs, targets)` or `batch_to_inputs_targets=`."
+            )
+        self.on_probe_set_ready(trainer, pl_module, self._probe_set)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        step = trainer.global_step
+        # With gradient accumulation this hook fires on every batch; run only on the batches
+        # where an optimizer step happened (global_step advanced), once per step.
+        stepped, self._seen_step = step != self._seen_step, step
+        if (
+            stepped
+            and not self._should_skip(trainer)
+            and self.schedule.step_based
+            and self.schedule.runs_at_step(step)
+        ):
+            self._run(trainer, pl_module, on_step=True)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if (
+            not self._should_skip(trainer)
+            and not self.schedule.step_based
+            and self.schedule.runs_at_epoch_end(trainer.current_epoch, trainer.global_step)
+        ):
+            self._run(trainer, pl_module, on_step=False)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"runs": self._runs, "last_step": self._last_step, **self.extra_state()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._runs = int(state_dict.get("runs", 0))
+        self._last_step = int(state_dict.get("last_step", -1))
+        self.load_extra_state(state_dict)
+
+    # ------------------------------------------------------------------ for subclasses
+    def probe(self, trainer: Trainer, pl_module: LightningModule, data: ProbeSet) -> None:
+        """Compute and log the probe's quantities (runs inside an isolated scope)."""
+        raise NotImplementedError
+
+    def check_model(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Validate the model at ``setup`` (e.g. that the named layers exist)."""
+
+    def on_probe_set_ready(
+        self, trainer: Trainer, pl_module: LightningModule, data: ProbeSet
+    ) -> None:
+        """Called once at the start of fitting, with the probe set on the model's device."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Subclass state for checkpoints: tensors and primitives only."""
+        return {}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
+    def log_scalars(
+        self, trainer: Trainer, pl_module: LightningModule, metrics: Mapping[str, float | Tensor]
+    ) -> None:
+        """Log scalars (keys from :meth:`key`) at the current step; monitorable by callbacks."""
+        plog.log_scalars(trainer, pl_module, metrics, on_step=self._on_step)
+
+    def key(self, quantity: str, layer: str | None = None) -> str:
+        """``probes/<probe_name>/<layer>/<quantity>``."""
+        return plog.metric_key(self.probe_name, quantity, layer)
+
+    def figures_enabled(self) -> bool:
+        """Whether matplotlib is there to draw figures (warns once when it is not)."""
+        if plog.matplotlib_available():
+            return True
+        self._warn_once(
+            "no-matplotlib",
+            f"{type(self).__name__}: matplotlib is not installed, so figures are not logged "
+            "(`pip install matplotlib`). Scalars, histograms and images are unaffected.",
+        )
+        return False
+
+    def _warn_once(self, tag: str, message: str) -> None:
+        if tag not in self._warned:
+            self._warned.add(tag)
+            rank_zero_warn(message)
+
+    # ------------------------------------------------------------------ internals
+    _on_step: bool | None = None
+
+    def _should_skip(self, trainer: Trainer) -> bool:
+        return bool(trainer.sanity_checking or not trainer.training or self._probe_set is None)
+
+    def _draw_probe_set(self, trainer: Trainer) -> ProbeSet:
+        loader = trainer.train_dataloader
+        if isinstance(loader, Mapping):
+            loader = next(iter(loader.values()))
+        elif isinstance(loader, (list, tuple)):
+            loader = loader[0]
+        if not isinstance(loader, torch.utils.data.DataLoader):
+            raise TypeError(
+                f"{type(self).__name__} draws its probe set from the train DataLoader, but got "
+                f"{type(loader).__name__}. Pass `probe_data=` explicitly."
+            )
+        data = draw_probe_set(
+            loader,
+            self.probe_size,
+            seed=self.seed,
+            batch_to_inputs_targets=self.batch_to_inputs_targets,
+        )
+        if len(data) < self.probe_size:
+            self._warn_once(
+                "small-dataset",
+                f"{type(self).__name__}: `probe_size={self.probe_size}` is larger than the "
+                f"training set; using all {len(data)} samples.",
+            )
+        return data
+
+    def _run(self, trainer: Trainer, pl_module: LightningModule, *, on_step: bool) -> None:
+        assert self._probe_set is not None
+        self._last_step = trainer.global_step
+        self._on_step = on_step
+        try:
+            with isolated(pl_module, grad=self.needs_grad):
+                self.probe(trainer, pl_module, self._probe_set)
+            self._runs += 1
+        except Exception as err:
+            self._failures += 1
+            message = (
+                f"{type(self).__name__} failed at step {trainer.global_step} and was skipped; "
+                f"the model is unchanged and training continues. {type(err).__name__}: {err}"
+            )
+            if self.on_error == "raise":
+                raise RuntimeError(message) from err
+            self._warn_once(
+                f"error-{type(err).__name__}",
+                message + "\n" + "".join(traceback.format_exception(err)[-3:]),
+            )
+        finally:
+            self._on_step = None

@@ -1,0 +1,98 @@
+"""Run a probe on a model without changing the training it observes.
+
+A probe may run forward and backward passes, switch modes, draw random numbers and register
+hooks. :func:`isolated` guarantees that afterwards the model and the process are exactly as
+before: train/eval mode of every submodule, ``requires_grad`` flags, ``.grad`` tensors (the
+same objects, untouched), buffers (BatchNorm running statistics), hooks, and the CPU, CUDA,
+NumPy and Python RNG states.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+)
+
+
+@contextmanager
+def isolated(model: nn.Module, *, grad: bool = True, eval_mode: bool = True) -> Iterator[None]:
+    """Scope in which a probe may use ``model`` freely; everything is restored on exit.
+
+    Args:
+        model: The observed network.
+        grad: Run the scope under :func:`torch.enable_grad` (``True``) or
+            :func:`torch.no_grad` (``False``).
+        eval_mode: Put the model in ``eval()`` mode inside the scope (dropout off, BatchNorm on
+            running statistics); the original mode of every submodule is restored on exit.
+
+    Yields:
+        Nothing. Inside the scope ``.grad`` of every parameter is ``None`` (a probe calling
+        ``backward`` does not accumulate into the training gradients) and autocast is off, so
+        probes compute in the parameters' dtype.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
+        >>> with isolated(net):
+        ...     net.training
+        False
+        >>> net.training
+        True
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    params = list(model.parameters())
+    requires = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    hook_keys = [
+        (m, {name: set(getattr(m, name, {})) for name in _HOOK_DICTS}) for m in model.modules()
+    ]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    np_rng = np.random.get_state()
+    py_rng = random.getstate()
+    try:
+        for p in params:
+            p.grad = None
+        if eval_mode:
+            model.eval()
+        with ExitStack() as stack:
+            stack.enter_context(torch.enable_grad() if grad else torch.no_grad())
+            for device_type in ("cpu", "cuda"):
+                if device_type == "cpu" or torch.cuda.is_available():
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, req, g in zip(params, requires, grads):
+            p.requires_grad_(req)
+            p.grad = g
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape:
+                    b.copy_(saved)
+        for m, keys in hook_keys:
+            for name, before in keys.items():
+                hooks = getattr(m, name, None)
+                if hooks is None:
+                    continue
+                for key in [k for k in hooks if k not in before]:
+                    del hooks[key]
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        np.random.set_state(np_rng)
+        random.setstate(py_rng)
