@@ -14,6 +14,12 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (imported on first access)
 _CALLBACKS = {
+    "LossContributionCallback": "lightning_probes.callbacks.lca",
+    "AblationAUCCallback": "lightning_probes.callbacks.ablation",
+    "SelectivityCallback": "lightning_probes.callbacks.selectivity",
+    "LayerCKACallback": "lightning_probes.callbacks.cka",
+    "NADCallback": "lightning_probes.callbacks.nad",
+    "LandscapeCallback": "lightning_probes.callbacks.landscape",
     "ProbeCallback": "lightning_probes.callbacks.base",
     "ProbeSchedule": "lightning_probes.callbacks.schedule",
 }

@@ -1,0 +1,159 @@
+"""Loss and gradient of a model on a fixed probe set, at arbitrary parameters.
+
+Probes that evaluate the network away from its current weights (LCA along a training step,
+landscape planes and segments) never write into the model: they call
+:func:`torch.func.functional_call` with a ``{name: tensor}`` dict of parameters. The probe set
+is processed in chunks so memory stays bounded however large it is ("full batch").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_probes.core.data import ProbeSet
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+"""``(outputs [n, ...], targets [n, ...]) -> mean loss over the n samples`` (a scalar)."""
+OutputFn = Callable[[Any], Tensor]
+"""``model output -> logits tensor [n, o]`` for models whose forward returns a dict/tuple."""
+
+
+def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy for integer class targets, mean squared error otherwise.
+
+    Args:
+        outputs: ``[n, o]`` logits (or ``[n, o, ...]`` for dense prediction).
+        targets: ``[n]`` class indices (integer dtype) or a float tensor shaped like ``outputs``.
+    """
+    if not torch.is_floating_point(targets):
+        return nn.functional.cross_entropy(outputs, targets)
+    return nn.functional.mse_loss(outputs, targets.to(outputs.dtype))
+
+
+def as_logits(output: Any, output_fn: OutputFn | None = None) -> Tensor:
+    """Apply ``output_fn`` to a model output, or check that it already is a tensor."""
+    if output_fn is not None:
+        output = output_fn(output)
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"Expected the model to return a Tensor of logits, got {type(output).__name__}. "
+            "Pass `output_fn=` (e.g. `lambda out: out['logits']`) to the probe."
+        )
+    return output
+
+
+def chunks(data: ProbeSet, chunk_size: int | None) -> list[tuple[Any, Tensor | None, int]]:
+    """Split a probe set into ``(inputs, targets, n_chunk)`` pieces of at most ``chunk_size``."""
+    n = len(data)
+    size = n if chunk_size is None else max(1, int(chunk_size))
+    out = []
+    for start in range(0, n, size):
+        stop = min(n, start + size)
+        inputs = _slice_range(data.inputs, start, stop)
+        targets = None if data.targets is None else data.targets[start:stop]
+        out.append((inputs, targets, stop - start))
+    return out
+
+
+def probe_loss(
+    model: nn.Module,
+    data: ProbeSet,
+    params: Mapping[str, Tensor] | None = None,
+    *,
+    loss_fn: LossFn | None = None,
+    output_fn: OutputFn | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    r"""Mean loss of ``model`` on the whole probe set, at ``params`` (default: its own weights).
+
+    .. math:: L(\theta) = \frac{1}{n} \sum_{\text{chunks } B} |B| \, \ell_B(\theta)
+
+    where :math:`\ell_B` is ``loss_fn``'s mean over chunk :math:`B` (equal to the full-batch
+    mean for any chunking). Differentiable w.r.t. ``params`` when called under grad mode.
+
+    Args:
+        model: The network; its weights are not modified.
+        data: The probe set (inputs ``[n, ...]``, targets ``[n, ...]``).
+        params: ``{name: tensor}`` for some or all of ``model.named_parameters()``; the rest
+            (and all buffers) are the model's own.
+        loss_fn: ``(outputs, targets) -> mean loss``; default :func:`default_loss`.
+        output_fn: Maps the model output to logits (for dict/tuple outputs).
+        chunk_size: Samples per forward pass (``None``: all at once).
+
+    Returns:
+        A scalar tensor.
+    """
+    if data.targets is None:
+        raise ValueError("Expected a probe set with targets to evaluate a loss, got none.")
+    loss_fn = loss_fn or default_loss
+    n = len(data)
+    total: Tensor | None = None
+    for inputs, targets, size in chunks(data, chunk_size):
+        out = as_logits(_call(model, params, inputs), output_fn)
+        part = loss_fn(out, targets) * (size / n)  # type: ignore[arg-type]
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+def probe_loss_and_grad(
+    model: nn.Module,
+    data: ProbeSet,
+    params: Mapping[str, Tensor],
+    *,
+    loss_fn: LossFn | None = None,
+    output_fn: OutputFn | None = None,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Full-probe-set loss and its gradient w.r.t. ``params``, one chunk's graph at a time.
+
+    Memory is that of one chunk's forward/backward plus one gradient copy, however large the
+    probe set. Gradients are accumulated in the dtype of ``params``.
+
+    Returns:
+        ``(loss, {name: dL/dparam})``, detached.
+    """
+    if data.targets is None:
+        raise ValueError("Expected a probe set with targets to evaluate a loss, got none.")
+    loss_fn = loss_fn or default_loss
+    names = list(params)
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    n = len(data)
+    total = torch.zeros((), dtype=next(iter(leaves.values())).dtype, device=_device(leaves))
+    grads = {k: torch.zeros_like(v) for k, v in leaves.items()}
+    with torch.enable_grad():
+        for inputs, targets, size in chunks(data, chunk_size):
+            out = as_logits(_call(model, leaves, inputs), output_fn)
+            part = loss_fn(out, targets) * (size / n)  # type: ignore[arg-type]
+            g = torch.autograd.grad(part, [leaves[k] for k in names], allow_unused=True)
+            for k, gk in zip(names, g):
+                if gk is not None:
+                    grads[k] += gk
+            total += part.detach().to(total.dtype)
+    return total, grads
+
+
+def _call(model: nn.Module, params: Mapping[str, Tensor] | None, inputs: Any) -> Any:
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    if params is None:
+        return model(*args)
+    return functional_call(model, dict(params), args, strict=False)
+
+
+def _slice_range(value: Any, start: int, stop: int) -> Any:
+    if isinstance(value, Tensor):
+        return value[start:stop]
+    if isinstance(value, Mapping):
+        return {k: _slice_range(v, start, stop) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_slice_range(v, start, stop) for v in value)
+    raise TypeError(f"Expected probe inputs made of tensors, got {type(value).__name__}.")
+
+
+def _device(params: Mapping[str, Tensor]) -> torch.device:
+    return next(iter(params.values())).device

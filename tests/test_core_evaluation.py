@@ -1,0 +1,49 @@
+import pytest
+import torch
+from torch import nn
+
+from lightning_probes.core.data import ProbeSet
+from lightning_probes.core.evaluation import probe_loss, probe_loss_and_grad
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    x = torch.randn(23, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (23,))
+    return model, ProbeSet(x, y)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 5, 23, 100])
+def test_loss_and_grad_match_full_batch_autograd(chunk_size):
+    model, data = _setup()
+    params = {k: v.detach() * 1.5 for k, v in model.named_parameters()}
+    # independent reference: a copy of the model with the weights written in, one full batch
+    ref = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    ref.load_state_dict(params)
+    ref_loss = nn.functional.cross_entropy(ref(data.inputs), data.targets)
+    ref_grads = torch.autograd.grad(ref_loss, list(ref.parameters()))
+    loss = probe_loss(model, data, params, chunk_size=chunk_size)
+    loss2, grads = probe_loss_and_grad(model, data, params, chunk_size=chunk_size)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss2, ref_loss, rtol=1e-12, atol=1e-12)
+    for (name, _), g in zip(ref.named_parameters(), ref_grads):
+        torch.testing.assert_close(grads[name], g, rtol=1e-10, atol=1e-12)
+    # the model's own weights are untouched
+    assert not torch.equal(model[0].weight, params["0.weight"])
+
+
+def test_mse_for_float_targets_and_output_fn():
+    model, data = _setup()
+    targets = torch.randn(23, 3, dtype=torch.float64)
+    data = ProbeSet(data.inputs, targets)
+    loss = probe_loss(model, data, output_fn=lambda out: out * 2)
+    torch.testing.assert_close(loss, ((model(data.inputs) * 2 - targets) ** 2).mean())
+
+
+def test_errors():
+    model, data = _setup()
+    with pytest.raises(ValueError, match="with targets"):
+        probe_loss(model, ProbeSet(data.inputs, None))
+    with pytest.raises(TypeError, match="Pass `output_fn=`"):
+        probe_loss(model, data, output_fn=lambda out: {"logits": out})
