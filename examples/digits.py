@@ -13,7 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
-def digits_datasets(seed: int = 0, val_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
+def digits_datasets(
+    seed: int = 0, val_fraction: float = 0.2
+) -> tuple[TensorDataset, TensorDataset]:
     """Digits (1,797 images, 64 pixels in [0, 1], 10 classes), split train/val with ``seed``."""
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x, dtype=torch.float32) / 16.0
@@ -60,7 +62,9 @@ class DigitsMLP(pl.LightningModule):
         self.log(f"{stage}_acc", acc, prog_bar=True)
         return loss
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         return self._step(batch, "train")
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

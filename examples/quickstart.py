@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits import DigitsMLP, digits_loaders  # noqa: E402
+from digits import DigitsMLP, digits_loaders
 
 
 def make_probes() -> list[pl.Callback]:

@@ -16,7 +16,9 @@ def test_batch_shapes():
     assert default_batch_to_inputs_targets((x, y)) == (x, y)
     assert default_batch_to_inputs_targets([x]) == (x, None)
     assert default_batch_to_inputs_targets({"input_ids": x, "labels": y}) == (x, y)
-    with pytest.raises(TypeError, match=r"Expected a dict batch with one of the keys .* got keys \['foo'\]"):
+    with pytest.raises(
+        TypeError, match=r"Expected a dict batch with one of the keys .* got keys \['foo'\]"
+    ):
         default_batch_to_inputs_targets({"foo": x})
     with pytest.raises(TypeError, match="got int. Pass `batch_to_inputs_targets=`"):
         default_batch_to_inputs_targets(3)

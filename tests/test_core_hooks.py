@@ -58,7 +58,10 @@ def test_capture_rejects_non_tensor_outputs():
             return x, x
 
     m = Pair()
-    with pytest.raises(TypeError, match="Expected layer 'p' to return a Tensor, got tuple"), capture({"p": m}):
+    with (
+        pytest.raises(TypeError, match="Expected layer 'p' to return a Tensor, got tuple"),
+        capture({"p": m}),
+    ):
         m(torch.zeros(1))
 
 

@@ -41,7 +41,10 @@ def test_names_globs_and_types():
 
 
 def test_unknown_name_lists_the_available_ones():
-    with pytest.raises(ValueError, match=r"Layer 'fc9' not found in Net\. Available layers are: conv \(Conv2d\), act \(ReLU\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"Layer 'fc9' not found in Net\. Available layers are: conv \(Conv2d\), act \(ReLU\)",
+    ):
         select_layers(Net(), include="fc9")
 
 

@@ -25,7 +25,10 @@ class ArtefactProbe(ProbeCallback):
 
 def test_artefacts_reach_every_tensorboard_writer(tmp_path):
     pl.seed_everything(0, verbose=False)
-    loggers = [TensorBoardLogger(str(tmp_path), name="a"), TensorBoardLogger(str(tmp_path), name="b")]
+    loggers = [
+        TensorBoardLogger(str(tmp_path), name="a"),
+        TensorBoardLogger(str(tmp_path), name="b"),
+    ]
     trainer = make_trainer(tmp_path, [ArtefactProbe(probe_size=4)], max_steps=4, logger=loggers)
     trainer.fit(TinyClassifier(), make_loader())
     for logger in loggers:
