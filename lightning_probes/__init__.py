@@ -28,6 +28,7 @@ __all__ = [*_CALLBACKS, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    # Lazy: `import lightning_probes.core` must not import Lightning (see DESIGN.md).
     if name in _CALLBACKS:
         return getattr(importlib.import_module(_CALLBACKS[name]), name)
     raise AttributeError(f"module 'lightning_probes' has no attribute {name!r}")

@@ -1,0 +1,40 @@
+"""Probes under `Trainer(strategy="ddp", accelerator="cpu", devices=2)` (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_fit.py"
+
+
+def run_ddp(tmp_path: Path, spec: str, timeout: int = 300) -> tuple[dict, dict]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), spec],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return ranks[0], ranks[1]
+
+
+def event_files(tmp_path: Path) -> list[Path]:
+    return sorted(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def test_base_probe_same_values_on_both_ranks_and_written_once(tmp_path):
+    r0, r1 = run_ddp(tmp_path, "base_probe")
+    assert r0["global_step"] == r1["global_step"] == 6
+    probe_keys = sorted(k for k in r0["metrics"] if k.startswith("probes/"))
+    assert probe_keys == ["probes/gradnorm/loss", "probes/gradnorm/norm"]
+    for key in probe_keys:
+        assert r0["metrics"][key] == r1["metrics"][key], key
+    assert r0["states"] == r1["states"]
+    assert len(event_files(tmp_path)) == 1  # one writer: rank zero only
