@@ -35,6 +35,24 @@ def digits_loaders(batch_size: int = 64, seed: int = 0) -> tuple[DataLoader, Dat
     )
 
 
+class DigitsDataModule(pl.LightningDataModule):
+    """Digits as a ``LightningDataModule`` (used by ``examples/cli.py``)."""
+
+    def __init__(self, batch_size: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def setup(self, stage: str) -> None:
+        self.train_set, self.val_set = digits_datasets(self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=256)
+
+
 class DigitsMLP(pl.LightningModule):
     """64 → 128 → 64 → 10 ReLU MLP, Adam."""
 
