@@ -1,0 +1,245 @@
+r"""Exact per-layer tangent kernels :math:`K_l = J_l J_l^T` of a network's logits.
+
+For a probe set of ``n`` samples and a model with ``o`` logits, layer ``l``'s tangent kernel is
+the ``(n·o, n·o)`` matrix with row index ``i·o + c``
+
+.. math:: K_l[(i, c), (j, d)] = \nabla_{\theta_l} f_c(x_i) \cdot \nabla_{\theta_l} f_d(x_j),
+
+the NTK of the network when only layer ``l``'s own parameters move (Lou et al., ICML 2022,
+Sec. 2; Baratin et al. 2021). A "layer" is one module with the parameters it owns directly.
+
+How it is computed, without materialising per-sample gradients where avoidable:
+
+- ``nn.Linear`` (inputs of any leading shape; positions are summed over) and ``nn.Conv1d/2d``
+  (any stride, padding, dilation, groups, padding mode): the forward/backward decomposition
+  :math:`K = (A A^T + 1) \circ (\Delta \Delta^T)` of eq. (9), summed over position pairs, or
+  per-sample gradients, whichever a flop count says is cheaper
+  (:mod:`lightning_probes.core.kernels_factors`).
+- Any other module with parameters (LayerNorm, BatchNorm in eval, Embedding, custom): per-sample
+  vector-Jacobian products with :mod:`torch.func` (:mod:`lightning_probes.core.kernels_func`).
+
+The gradients of all ``o`` outputs w.r.t. every selected layer's output come from one forward
+and one batched backward (:mod:`lightning_probes.core.kernels_capture`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_probes.core.data import ProbeSet
+from lightning_probes.core.evaluation import OutputFn, chunks
+from lightning_probes.core.kernels_capture import LayerRecord, record_layers
+from lightning_probes.core.kernels_factors import (
+    AffineFactors,
+    LayerFactors,
+    conv_output_grads,
+    conv_patches,
+    full_kernel,
+)
+from lightning_probes.core.kernels_func import func_factors
+from lightning_probes.core.layers import owns_parameters, select_layers
+
+KernelMethod = Literal["auto", "gram", "jacobian", "func"]
+_METHODS = ("auto", "gram", "jacobian", "func")
+Layers = str | Sequence[str] | Mapping[str, nn.Module] | None
+
+
+def resolve_layers(model: nn.Module, layers: Layers) -> dict[str, nn.Module]:
+    """``{name: module}`` from names/globs, a ready mapping, or ``None`` (every Linear/Conv).
+
+    Raises:
+        ValueError: If a selected module owns no parameters, or a name matches nothing.
+    """
+    selected = dict(layers) if isinstance(layers, Mapping) else select_layers(model, layers)
+    empty = [name for name, m in selected.items() if not owns_parameters(m)]
+    if empty:
+        raise ValueError(
+            f"Expected layers that own parameters, got {', '.join(map(repr, empty))} without "
+            "any (a container's parameters belong to its children: name the children)."
+        )
+    return selected
+
+
+def tangent_kernel_factors(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    layers: Layers = None,
+    output_fn: OutputFn | None = None,
+    chunk_size: int | None = None,
+    method: KernelMethod = "auto",
+) -> dict[str, LayerFactors]:
+    """Per-layer factors from which kernel blocks are computed (see :func:`layer_tangent_kernels`).
+
+    The forward/backward runs on ``chunk_size`` samples at a time; the factors (layer inputs and
+    output gradients, ``O(n·(d_in + o·d_out))`` per layer) are kept for all samples.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"`method` can be {', '.join(_METHODS)}, got {method!r}.")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"Expected `chunk_size` to be a positive int or None, got {chunk_size!r}.")
+    selected = resolve_layers(model, layers)
+    parts: list[dict[str, LayerRecord]] = []
+    for chunk_inputs, _, _ in chunks(ProbeSet(inputs, None), chunk_size):
+        records, _ = record_layers(model, chunk_inputs, selected, output_fn)
+        parts.append(records)
+    merged = {name: _merge([p[name] for p in parts]) for name in selected}
+    return {
+        name: _factors(module, merged[name], method, chunk_size)
+        for name, module in selected.items()
+    }
+
+
+def layer_tangent_kernels(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    layers: Layers = None,
+    output_fn: OutputFn | None = None,
+    chunk_size: int | None = None,
+    method: KernelMethod = "auto",
+) -> dict[str, Tensor]:
+    r"""Exact tangent kernel of each layer, :math:`K_l = J_l J_l^T`, shape ``(n·o, n·o)``.
+
+    .. math:: K_l[i o + c,\; j o + d] = \nabla_{\theta_l} f_c(x_i) \cdot \nabla_{\theta_l} f_d(x_j)
+
+    Args:
+        model: The network, BatchNorm in eval mode (``model.eval()``); not modified.
+        inputs: ``[n, ...]`` tensor (or tuple of positional inputs) of the probe set.
+        layers: Names or ``fnmatch`` globs from ``model.named_modules()``, a ``{name: module}``
+            mapping, or ``None`` for every ``nn.Linear``/``nn.Conv*d`` with parameters.
+        output_fn: Maps the model output to logits ``[n, o]``.
+        chunk_size: Samples per forward/backward and per kernel block (``None``: all at once).
+        method: ``"auto"`` (cost model per layer), ``"gram"``/``"jacobian"`` (force a path for
+            Linear/Conv layers), ``"func"`` (the :mod:`torch.func` path for every layer).
+
+    Returns:
+        ``{name: kernel}`` in the logits' dtype (the model's dtype), ordered as the layers.
+
+    Raises:
+        ValueError: If a layer runs more or less than once per forward (weight sharing), a
+            BatchNorm is in train mode, the logits are not ``[n, o]``, or a layer owns no
+            parameters.
+
+    Example:
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> kernels = layer_tangent_kernels(net, torch.randn(5, 3))
+        >>> {name: tuple(k.shape) for name, k in kernels.items()}
+        {'0': (10, 10), '2': (10, 10)}
+    """
+    factors = tangent_kernel_factors(
+        model, inputs, layers=layers, output_fn=output_fn, chunk_size=chunk_size, method=method
+    )
+    return {name: full_kernel(f, chunk_size) for name, f in factors.items()}
+
+
+def forward_backward_kernels(
+    model: nn.Module,
+    inputs: Tensor,
+    *,
+    layers: Layers = None,
+    output_fn: OutputFn | None = None,
+    normalize: bool = False,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    r"""Forward and backward kernels of each Linear layer (Lou et al. 2022, eq. (9)).
+
+    .. math::
+        \overrightarrow{K}[i, j] = a_i \cdot a_j + 1_{\text{bias}}, \qquad
+        \overleftarrow{K}[(i,c),(j,d)] = \delta^c_i \cdot \delta^d_j, \qquad
+        K_l = (\overrightarrow{K} \otimes 11^T) \circ \overleftarrow{K},
+
+    with :math:`a_i` the layer input and :math:`\delta^c_i = \partial f_c(x_i)/\partial z_l`.
+    ``normalize=True`` gives the paper's averaged kernels (forward divided by ``in_features``,
+    backward by ``out_features``).
+
+    Args:
+        model: The network (BatchNorm in eval mode).
+        inputs: ``[n, ...]`` probe inputs.
+        layers: As in :func:`layer_tangent_kernels`; every selected layer must be ``nn.Linear``
+            applied to ``[n, in_features]`` inputs.
+        output_fn: Maps the model output to logits ``[n, o]``.
+        normalize: Divide by the layer widths as in the paper.
+
+    Returns:
+        ``{name: (forward [n, n], backward [n·o, n·o])}``.
+
+    Raises:
+        ValueError: For non-Linear layers or inputs with extra (sequence) dimensions.
+    """
+    selected = resolve_layers(model, layers)
+    bad = [k for k, m in selected.items() if not isinstance(m, nn.Linear)]
+    if bad:
+        raise ValueError(f"Expected nn.Linear layers for eq. (9), got {', '.join(bad)}.")
+    records, _ = record_layers(model, inputs, selected, output_fn)
+    out = {}
+    for name, module in selected.items():
+        a, grads = _linear_input(records[name]), records[name].grads
+        if a.ndim != 2:
+            raise ValueError(
+                f"Expected layer {name!r} to receive [n, in_features] inputs for eq. (9), got "
+                f"{tuple(a.shape)}; with positions the kernel is not a single Hadamard product."
+            )
+        o, n = grads.shape[:2]
+        forward = a @ a.T + (1.0 if module.bias is not None else 0.0)
+        d = grads.transpose(0, 1).reshape(n * o, -1)
+        backward = d @ d.T
+        if normalize:
+            forward = forward / a.shape[1]
+            backward = backward / grads.shape[-1]
+        out[name] = (forward, backward)
+    return out
+
+
+def _linear_input(record: LayerRecord) -> Tensor:
+    x = record.args[0] if record.args else record.kwargs["input"]
+    return x
+
+
+def _factors(
+    module: nn.Module, record: LayerRecord, method: KernelMethod, chunk_size: int | None
+) -> LayerFactors:
+    grads = record.grads
+    o, n = grads.shape[:2]
+    if method != "func" and isinstance(module, nn.Linear):
+        a = _linear_input(record).to(grads.dtype)
+        feats = a.reshape(n, -1, 1, a.shape[-1])
+        return AffineFactors(
+            feats, grads.reshape(o, n, -1, 1, grads.shape[-1]), module.bias is not None, method
+        )
+    if method != "func" and isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        x = (record.args[0] if record.args else record.kwargs["input"]).to(grads.dtype)
+        if x.ndim == module.weight.ndim - 1:  # unbatched input is not a probe set
+            raise ValueError(f"Expected batched inputs to {type(module).__name__}, got {x.shape}.")
+        return AffineFactors(
+            conv_patches(module, x),
+            conv_output_grads(module, grads),
+            module.bias is not None,
+            method,
+        )
+    return func_factors(module, record, chunk_size)
+
+
+def _merge(records: list[LayerRecord]) -> LayerRecord:
+    if len(records) == 1:
+        return records[0]
+    first = records[0]
+    n0 = first.grads.shape[1]
+    args = tuple(
+        torch.cat([r.args[k] for r in records])
+        if isinstance(a, Tensor) and a.ndim and a.shape[0] == n0
+        else a
+        for k, a in enumerate(first.args)
+    )
+    kwargs = {
+        key: torch.cat([r.kwargs[key] for r in records])
+        if isinstance(v, Tensor) and v.ndim and v.shape[0] == n0
+        else v
+        for key, v in first.kwargs.items()
+    }
+    return LayerRecord(args, kwargs, torch.cat([r.grads for r in records], 1))

@@ -1,0 +1,208 @@
+r"""Per-layer factors of a tangent kernel, from which any block of the kernel is computed.
+
+Index letters (used in every einsum here): ``i``/``j`` samples (rows / columns of a block),
+``c``/``d`` outputs, ``p``/``q`` positions (sequence elements, conv output pixels), ``g`` conv
+groups, ``k`` input features of one group (a conv patch), ``m`` output features of one group.
+
+For an affine layer :math:`z_{ipg} = W_g a_{ipg} + b_g` applied at positions ``p`` (a Linear
+over a sequence, or a convolution on its patches ``a``), with
+:math:`\delta^c_{ipg} = \partial f_c(x_i) / \partial z_{ipg}`, the layer's tangent kernel is
+(Lou et al. 2022, eq. (9): forward ∘ backward kernels; Conv layers sum over position pairs)
+
+.. math::
+    K[(i,c),(j,d)] = \sum_g \sum_{p,q} (a_{ipg} \cdot a_{jqg} + 1_{\text{bias}})
+                     (\delta^c_{ipg} \cdot \delta^d_{jqg}).
+
+Two exact ways to evaluate a block, chosen per layer by a flop count (:meth:`AffineFactors.method`):
+``"gram"`` contracts position-pair Grams (no per-sample gradient is ever formed; best when
+there are few positions, e.g. every Linear on flat inputs), ``"jacobian"`` forms per-sample
+gradients :math:`J_{ic} = \sum_p \delta^c_{ip} a_{ip}^T` and returns :math:`J_R J_S^T` (best
+for convolutions with many output pixels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+Method = str  # "gram" | "jacobian"
+
+
+@dataclass
+class AffineFactors:
+    """Factors of a Linear/Conv layer's kernel.
+
+    Attributes:
+        features: ``a`` ``[n, T, G, I]`` (layer inputs or conv patches).
+        grads: ``δ`` ``[o, n, T, G, M]`` (gradients of each output w.r.t. the layer output).
+        bias: Whether the layer has a bias.
+        method: ``"gram"``, ``"jacobian"`` or ``"auto"`` (cost model).
+    """
+
+    features: Tensor
+    grads: Tensor
+    bias: bool
+    method: Method = "auto"
+    _jac_cache: dict[tuple[int, int], Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.method == "auto":
+            self.method = "gram" if self.gram_cost() <= self.jacobian_cost() else "jacobian"
+
+    @property
+    def num_samples(self) -> int:
+        """``n``."""
+        return int(self.features.shape[0])
+
+    @property
+    def num_outputs(self) -> int:
+        """``o``."""
+        return int(self.grads.shape[0])
+
+    def gram_cost(self) -> float:
+        """Multiply-adds of the full kernel by position-pair Gram contraction."""
+        n, t, g, i = self.features.shape
+        o, m = self.grads.shape[0], self.grads.shape[-1]
+        return float(n) ** 2 * t**2 * g * (i + o**2 * (m + 1))
+
+    def jacobian_cost(self) -> float:
+        """Multiply-adds of the full kernel through per-sample gradients."""
+        n, t, g, i = self.features.shape
+        o, m = self.grads.shape[0], self.grads.shape[-1]
+        params = g * m * (i + int(self.bias))
+        return float(n) * o * t * g * m * i + (float(n) * o) ** 2 * params
+
+    def jacobian(self, rows: slice) -> Tensor:
+        """Per-sample gradients ``[r·o, P]`` (weight then bias, the layer's parameter order)."""
+        a, d = self.features[rows], self.grads[:, rows]
+        r, o = a.shape[0], d.shape[0]
+        parts = [torch.einsum("cipgm,ipgk->icgmk", d, a).reshape(r * o, -1)]
+        if self.bias:
+            parts.append(d.sum(2).permute(1, 0, 2, 3).reshape(r * o, -1))
+        return torch.cat(parts, 1)
+
+    def block(self, rows: slice, cols: slice) -> Tensor:
+        """Kernel block ``[r·o, s·o]`` for samples ``rows`` × ``cols``."""
+        if self.method == "jacobian":
+            # blocks come row by row: keep the row block's Jacobian for the next column block
+            key = (rows.start, rows.stop)
+            if key not in self._jac_cache:
+                self._jac_cache = {key: self.jacobian(rows)}
+            jr = self._jac_cache[key]
+            js = jr if key == (cols.start, cols.stop) else self.jacobian(cols)
+            return jr @ js.T
+        return self._gram_block(rows, cols)
+
+    def _gram_block(self, rows: slice, cols: slice) -> Tensor:
+        ar, as_ = self.features[rows], self.features[cols]
+        dr, ds = self.grads[:, rows], self.grads[:, cols]
+        r, s, t = ar.shape[0], as_.shape[0], ar.shape[1]
+        o, g = dr.shape[0], ar.shape[2]
+        one = 1.0 if self.bias else 0.0
+        if t == 1 and g == 1:
+            forward = ar[:, 0, 0] @ as_[:, 0, 0].T + one  # [r, s]
+            back_r = dr[:, :, 0, 0].transpose(0, 1).reshape(r * o, -1)
+            back_s = ds[:, :, 0, 0].transpose(0, 1).reshape(s * o, -1)
+            backward = (back_r @ back_s.T).view(r, o, s, o)
+            return (backward * forward[:, None, :, None]).view(r * o, s * o)
+        out = torch.zeros(r, o, s, o, dtype=ar.dtype, device=ar.device)
+        for p in range(t):  # one position of the rows against all positions of the columns
+            forward = torch.einsum("igk,jqgk->gijq", ar[:, p], as_) + one
+            backward = torch.einsum("cigm,djqgm->gicjdq", dr[:, :, p], ds)
+            out += torch.einsum("gijq,gicjdq->icjd", forward, backward)
+        return out.view(r * o, s * o)
+
+
+@dataclass
+class JacobianFactors:
+    """Factors of any other layer: per-sample Jacobians computed by ``rows_fn`` on demand.
+
+    Attributes:
+        rows_fn: ``slice -> [r·o, P]`` per-sample Jacobian rows of those samples.
+        num_samples: ``n``.
+        num_outputs: ``o``.
+    """
+
+    rows_fn: Callable[[slice], Tensor]
+    num_samples: int
+    num_outputs: int
+    method: Method = "jacobian"
+    _cache: dict[tuple[int, int], Tensor] = field(default_factory=dict, repr=False)
+
+    def block(self, rows: slice, cols: slice) -> Tensor:
+        """Kernel block ``[r·o, s·o]`` for samples ``rows`` × ``cols``."""
+        jr = self._rows(rows)
+        js = jr if (rows.start, rows.stop) == (cols.start, cols.stop) else self.rows_fn(cols)
+        return jr @ js.T
+
+    def _rows(self, rows: slice) -> Tensor:
+        key = (rows.start, rows.stop)
+        if key not in self._cache:
+            self._cache = {key: self.rows_fn(rows)}
+        return self._cache[key]
+
+
+LayerFactors = AffineFactors | JacobianFactors
+
+
+def full_kernel(factors: LayerFactors, chunk_size: int | None = None) -> Tensor:
+    """Assemble the whole ``(n·o, n·o)`` kernel block by block (symmetric: upper blocks only)."""
+    n, o = factors.num_samples, factors.num_outputs
+    spans = sample_spans(n, chunk_size)
+    if len(spans) == 1:
+        return factors.block(spans[0], spans[0])
+    first = factors.block(spans[0], spans[0])
+    out = torch.empty(n * o, n * o, dtype=first.dtype, device=first.device)
+    for a, rows in enumerate(spans):
+        for cols in spans[a:]:
+            blk = first if a == 0 and cols == spans[0] else factors.block(rows, cols)
+            out[rows.start * o : rows.stop * o, cols.start * o : cols.stop * o] = blk
+            if cols != rows:
+                out[cols.start * o : cols.stop * o, rows.start * o : rows.stop * o] = blk.T
+    return out
+
+
+def sample_spans(n: int, chunk_size: int | None) -> list[slice]:
+    """Contiguous sample ranges of at most ``chunk_size`` (one range when ``None``)."""
+    size = n if chunk_size is None else max(1, int(chunk_size))
+    return [slice(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def conv_patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
+    """Input patches of a Conv1d/2d, ``[n, L, G, C_in/G · kernel size]`` (L output positions).
+
+    Non-zero padding modes and string padding (``"same"``) are applied explicitly with the
+    module's own padding amounts, exactly as ``Conv*d.forward`` does.
+    """
+    one_d = isinstance(module, nn.Conv1d)
+    if one_d:
+        x = x.unsqueeze(-2)
+    as2 = (lambda v: (1, v[0])) if one_d else (lambda v: tuple(v))
+    padding: tuple[int, ...]
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        pads = list(module._reversed_padding_repeated_twice)
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = nn.functional.pad(x.squeeze(-2) if one_d else x, pads, mode=mode)
+        x = x.unsqueeze(-2) if one_d else x
+        padding = (0, 0)
+    else:
+        padding = (0, module.padding[0]) if one_d else tuple(module.padding)  # type: ignore[arg-type]
+    patches = nn.functional.unfold(
+        x,
+        kernel_size=as2(module.kernel_size),
+        dilation=as2(module.dilation),
+        padding=padding,
+        stride=as2(module.stride),
+    )  # [n, C_in · kh · kw, L]
+    n, _, positions = patches.shape
+    return patches.view(n, module.groups, -1, positions).permute(0, 3, 1, 2)
+
+
+def conv_output_grads(module: nn.Conv1d | nn.Conv2d, grads: Tensor) -> Tensor:
+    """``[o, n, C_out, *spatial]`` → ``[o, n, L, G, C_out/G]``."""
+    o, n = grads.shape[:2]
+    g = module.groups
+    return grads.reshape(o, n, g, module.out_channels // g, -1).permute(0, 1, 4, 2, 3)
