@@ -272,3 +272,40 @@ def test_state_dict_round_trip_through_checkpoint_weights_only(tmp_path):
 def test_state_keys_differ_by_configuration():
     assert MeddlingProbe(every_n_steps=2).state_key != MeddlingProbe(every_n_steps=3).state_key
     assert MeddlingProbe(every_n_steps=2).state_key == MeddlingProbe(every_n_steps=2).state_key
+
+
+class NaNProbe(ProbeCallback):
+    probe_name = "nan"
+    default_schedule = {"every_n_steps": 1}
+
+    def probe(self, trainer, pl_module, data):
+        value = float("nan") if trainer.global_step % 2 else 1.0
+        self.log_scalars(trainer, pl_module, {self.key("v"): value, self.key("w"): 2.0})
+
+
+def test_non_finite_values_skip_the_run_warn_once_and_training_continues(tmp_path):
+    probe = NaNProbe(probe_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _ = fit(tmp_path, [probe], max_steps=5)
+    msgs = [str(w.message) for w in caught if "skipped its run" in str(w.message)]
+    assert len(msgs) == 1 and "step 1: non-finite values for probes/nan/v" in msgs[0]
+    assert trainer.global_step == 5
+    assert trainer.logger.steps_of("probes/nan/v") == [2, 4]
+    assert trainer.logger.steps_of("probes/nan/w") == [2, 4]  # the whole run is skipped
+    assert probe._runs == 2
+
+
+def test_non_finite_weights_skip_the_run(tmp_path):
+    class Poison(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if trainer.global_step == 2:
+                with torch.no_grad():
+                    pl_module.net[0].weight[0, 0] = float("nan")
+
+    probe = MeddlingProbe(probe_size=4)
+    with pytest.warns(
+        UserWarning, match="skipped its run at step 2: the model's parameters are not finite"
+    ):
+        trainer, _ = fit(tmp_path, [Poison(), probe], max_steps=4)
+    assert trainer.global_step == 4 and probe.seen_steps == [1]

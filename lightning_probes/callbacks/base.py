@@ -31,6 +31,10 @@ from lightning_probes.core.isolation import isolated
 OnError = Literal["warn", "raise"]
 
 
+class NonFiniteValueError(ArithmeticError):
+    """A probe met NaN/inf (in the weights or in a value it computed); the run is skipped."""
+
+
 class ProbeCallback(Callback):
     """Base class of every probe: schedule, probe set, isolation, logging, state.
 
@@ -213,7 +217,15 @@ class ProbeCallback(Callback):
     def log_scalars(
         self, trainer: Trainer, pl_module: LightningModule, metrics: Mapping[str, float | Tensor]
     ) -> None:
-        """Log scalars (keys from :meth:`key`) at the current step; monitorable by callbacks."""
+        """Log scalars (keys from :meth:`key`) at the current step; monitorable by callbacks.
+
+        Raises:
+            NonFiniteValueError: If a value is NaN or infinite; :meth:`_run` then skips the
+                rest of this run with one warning, and training continues.
+        """
+        bad = [k for k, v in metrics.items() if not torch.isfinite(torch.as_tensor(v)).all()]
+        if bad:
+            raise NonFiniteValueError(f"non-finite values for {', '.join(bad)}")
         plog.log_scalars(trainer, pl_module, metrics, on_step=self._on_step)
 
     def key(self, quantity: str, layer: str | None = None) -> str:
@@ -272,9 +284,19 @@ class ProbeCallback(Callback):
         self._last_step = trainer.global_step
         self._on_step = on_step
         try:
+            if not all(torch.isfinite(p).all() for p in pl_module.parameters()):
+                raise NonFiniteValueError("the model's parameters are not finite")
             with isolated(pl_module, grad=self.needs_grad):
                 self.probe(trainer, pl_module, self._probe_set)
             self._runs += 1
+        except NonFiniteValueError as err:
+            self._failures += 1
+            self._warn_once(
+                "non-finite",
+                f"{type(self).__name__} skipped its run at step {trainer.global_step}: {err} "
+                "(NaN/inf). Training continues; later runs are attempted as scheduled, and this "
+                "warning is shown once.",
+            )
         except Exception as err:
             self._failures += 1
             message = (
