@@ -1,0 +1,337 @@
+r"""Loss Change Allocation of one training step, at any parameters, by path integration.
+
+Lan et al., "LCA: Loss Change Allocation for Neural Network Training", NeurIPS 2019. For a
+step :math:`\theta_t \to \theta_{t+1}` with :math:`\Delta = \theta_{t+1} - \theta_t`,
+
+.. math::
+    LC_i = \Delta_i \int_0^1 \partial_i L(\theta_t + s\Delta)\, ds
+    \approx \Delta_i \sum_{j=0}^{N} w_j\, \partial_i L(\theta_t + \tfrac{j}{N}\Delta),
+    \qquad \sum_i LC_i \approx L(\theta_{t+1}) - L(\theta_t),
+
+with composite Simpson weights :math:`w` on ``N`` splits
+(:func:`~lightning_probes.functional.lca.simpson_weights`). Following the authors' code, the
+``adaptive`` method starts at 2 splits and doubles them while
+:math:`|L(\theta_{t+1}) - L(\theta_t) - \sum_i LC_i| >` ``tolerance`` (absolute, 1e-3) and
+``N < 32``, reusing every gradient already computed: the old points are the even points of
+the doubled grid. ``first_order`` uses the gradient at :math:`\theta_t` only (the paper's
+illustration; on a convex loss it overestimates the decrease).
+
+Memory: the weighted sums are kept in "LC space" (:math:`\Delta \odot \sum_j w_j g_j`): one
+accumulator per parameter (two for ``adaptive``), plus the point being evaluated and its
+gradient. No Lightning import; weights are never modified (evaluation through the caller's
+``loss_fn`` / ``loss_and_grad``, e.g. :func:`torch.func.functional_call`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_probes.core.data import ProbeSet
+from lightning_probes.core.evaluation import LossFn, OutputFn, probe_loss_and_grad
+from lightning_probes.functional.lca import relative_error, simpson_weights
+
+Method = Literal["first_order", "simpson", "adaptive"]
+METHODS: tuple[str, ...] = ("first_order", "simpson", "adaptive")
+ParamLossFn = Callable[[dict[str, Tensor]], Tensor]
+"""``{name: tensor} -> scalar loss`` (differentiable w.r.t. the given tensors)."""
+LossAndGradFn = Callable[[dict[str, Tensor]], tuple[Tensor, dict[str, Tensor]]]
+"""``{name: tensor} -> (loss, {name: dloss/dtensor})``, both detached."""
+
+
+@dataclass
+class LCAResult:
+    r"""The allocation of one step's loss change.
+
+    Attributes:
+        lc: ``{name: LC}``, each with the shape of its parameter (float32 or wider).
+            Negative: the parameter helped (moved the loss down).
+        total: :math:`\sum_i LC_i`, the allocated loss change.
+        loss_before: :math:`L(\theta_t)`.
+        loss_after: :math:`L(\theta_{t+1})`.
+        true_delta: :math:`L(\theta_{t+1}) - L(\theta_t)`.
+        error: :math:`|\Delta L_\text{true} - \sum_i LC_i|` (absolute).
+        splits: Intervals of the quadrature used (1 for ``first_order``, 0 if nothing moved).
+        grad_evals: Gradient evaluations this call made (reused ones not counted).
+        grad_after: ``{name: dL/dθ}`` at :math:`\theta_{t+1}`, for reuse as the next step's
+            ``start`` (``None`` when not computed).
+    """
+
+    lc: dict[str, Tensor]
+    total: float
+    loss_before: float
+    loss_after: float
+    true_delta: float
+    error: float
+    splits: int
+    grad_evals: int
+    grad_after: dict[str, Tensor] | None = None
+
+    @property
+    def relative_error(self) -> float:
+        r"""The relative error :math:`|\sum_i LC_i - \Delta L| / |\Delta L|`."""
+        return relative_error(self.total, self.true_delta)
+
+
+def loss_change_allocation(
+    loss_fn: ParamLossFn | None,
+    before: Mapping[str, Tensor],
+    after: Mapping[str, Tensor],
+    *,
+    method: Method = "adaptive",
+    splits: int = 2,
+    tolerance: float = 1e-3,
+    max_splits: int = 32,
+    loss_and_grad: LossAndGradFn | None = None,
+    start: tuple[Tensor | float, dict[str, Tensor]] | None = None,
+    keep_grad_after: bool = True,
+) -> LCAResult:
+    r"""Allocate :math:`L(\theta_{t+1}) - L(\theta_t)` to every parameter (Lan et al., 2019).
+
+    Args:
+        loss_fn: ``params -> scalar loss`` (``params`` holds every name of ``before``). The
+            full-batch loss on the LCA set; differentiated with autograd. May be ``None`` when
+            ``loss_and_grad`` is given.
+        before: :math:`\theta_t`, ``{name: tensor}``.
+        after: :math:`\theta_{t+1}`, the same names and shapes.
+        method: ``"first_order"`` (gradient at :math:`\theta_t`), ``"simpson"`` (``splits``
+            fixed; 2 is the paper's "RK4") or ``"adaptive"`` (start at ``splits``, double until
+            the error is at most ``tolerance`` or ``max_splits`` is reached).
+        splits: Even number of intervals (fixed for ``simpson``, initial for ``adaptive``).
+        tolerance: Absolute error bound of ``adaptive``.
+        max_splits: Largest number of splits of ``adaptive``.
+        loss_and_grad: ``params -> (loss, grads)``; overrides autograd on ``loss_fn`` (e.g.
+            chunked full-probe-set gradients, :func:`model_loss_and_grad`).
+        start: ``(loss, grads)`` already known at ``before`` (the previous step's
+            ``grad_after``); saves one gradient evaluation.
+        keep_grad_after: Return the gradient at ``after`` (``first_order`` then computes it
+            instead of only the loss, which makes the next step's ``start`` free).
+
+    Returns:
+        An :class:`LCAResult`.
+
+    Raises:
+        ValueError: On an unknown ``method``, bad ``splits``/``tolerance``/``max_splits``,
+            ``before``/``after`` that disagree, or a non-scalar loss.
+        TypeError: If neither ``loss_fn`` nor ``loss_and_grad`` is given.
+
+    Example:
+        >>> a = torch.tensor([3.0, -1.0], dtype=torch.float64)
+        >>> res = loss_change_allocation(
+        ...     lambda p: (a * p["x"] ** 2).sum(),
+        ...     {"x": torch.tensor([1.0, 1.0], dtype=torch.float64)},
+        ...     {"x": torch.tensor([0.0, 2.0], dtype=torch.float64)},
+        ...     method="simpson",
+        ... )
+        >>> res.lc["x"].round(decimals=9).tolist(), res.true_delta, res.splits
+        ([-3.0, -3.0], -6.0, 2)
+    """
+    _check_arguments(method, splits, tolerance, max_splits)
+    names = _check_params(before, after)
+    grad_fn = loss_and_grad if loss_and_grad is not None else _autograd_loss_and_grad(loss_fn)
+    acc_dtype = {k: torch.promote_types(before[k].dtype, torch.float32) for k in names}
+    deltas_nonzero = any(not torch.equal(before[k], after[k]) for k in names)
+
+    evals = 0
+    loss0: Tensor | float
+    if start is None:
+        loss0, g0 = grad_fn(dict(before))
+        evals += 1
+    else:
+        loss0, g0 = start
+    start = None  # drop our reference: the caller may have handed over its only one
+    if not deltas_nonzero:  # nothing moved (e.g. a step the AMP GradScaler skipped)
+        zeros = {k: torch.zeros_like(before[k], dtype=acc_dtype[k]) for k in names}
+        l0 = float(loss0)
+        return LCAResult(zeros, 0.0, l0, l0, 0.0, 0.0, 0, evals, g0 if keep_grad_after else None)
+
+    def delta(k: str) -> Tensor:
+        return after[k].to(acc_dtype[k]) - before[k].to(acc_dtype[k])
+
+    def add_weighted(acc: dict[str, Tensor], grads: Mapping[str, Tensor], w: float) -> None:
+        for k in names:
+            acc[k].addcmul_(delta(k), grads[k].to(acc_dtype[k]), value=w)
+
+    def grad_at(s: float) -> dict[str, Tensor]:
+        nonlocal evals
+        evals += 1
+        return grad_fn({k: torch.lerp(before[k], after[k], s) for k in names})[1]
+
+    acc = {k: delta(k) * g0[k].to(acc_dtype[k]) for k in names}  # Δ ⊙ g(θ_t)
+    del g0
+    if method == "first_order":
+        if keep_grad_after:
+            loss1, g1 = grad_fn(dict(after))
+            evals += 1
+        else:
+            loss1, g1 = _loss_only(loss_fn, grad_fn, after), None
+        return _result(acc, loss0, loss1, 1, evals, g1)
+
+    if method == "simpson":
+        w = simpson_weights(splits).tolist()
+        for k in names:
+            acc[k].mul_(w[0])
+        for j in range(1, splits):
+            add_weighted(acc, grad_at(j / splits), w[j])
+        loss1, g1 = grad_fn(dict(after))
+        evals += 1
+        add_weighted(acc, g1, w[splits])
+        return _result(acc, loss0, loss1, splits, evals, g1 if keep_grad_after else None)
+
+    # adaptive: acc = Δ⊙(g_0 + g_N + 2 Σ_even g_j), odd = Δ⊙Σ_odd g_j; LC = (acc + 4 odd) / 3N
+    n = splits
+    odd = {k: torch.zeros_like(v) for k, v in acc.items()}
+    for j in range(1, n):
+        add_weighted(odd if j % 2 else acc, grad_at(j / n), 1.0 if j % 2 else 2.0)
+    loss1, g1 = grad_fn(dict(after))
+    evals += 1
+    add_weighted(acc, g1, 1.0)
+    true_delta = float(loss1) - float(loss0)
+    while True:
+        total = (_sum(acc) + 4.0 * _sum(odd)) / (3 * n)
+        if abs(true_delta - total) <= tolerance or 2 * n > max_splits:
+            break
+        for k in names:  # the old odd points become even points of the doubled grid
+            acc[k].add_(odd[k], alpha=2.0)
+            odd[k].zero_()
+        n *= 2
+        for j in range(1, n, 2):
+            add_weighted(odd, grad_at(j / n), 1.0)
+    for k in names:
+        acc[k].add_(odd[k], alpha=4.0).div_(3 * n)
+    del odd
+    return _result(acc, loss0, loss1, n, evals, g1 if keep_grad_after else None)
+
+
+def model_loss_and_grad(
+    model: nn.Module,
+    data: ProbeSet,
+    *,
+    loss_fn: LossFn | None = None,
+    output_fn: OutputFn | None = None,
+    chunk_size: int | None = None,
+) -> LossAndGradFn:
+    """A ``loss_and_grad`` for :func:`loss_change_allocation`: full probe set, in chunks.
+
+    The returned function evaluates ``model`` at the given parameters through
+    :func:`torch.func.functional_call` (parameters not given are the model's own) with
+    :func:`~lightning_probes.core.evaluation.probe_loss_and_grad`; the model is not modified.
+    Put the model in the mode you want first (the authors: dropout off, BatchNorm on batch
+    statistics).
+
+    Example:
+        >>> net = nn.Linear(3, 2)
+        >>> data = ProbeSet(torch.randn(8, 3), torch.randint(0, 2, (8,)))
+        >>> before = {k: v.detach().clone() for k, v in net.named_parameters()}
+        >>> after = {k: v - 0.1 for k, v in before.items()}
+        >>> res = loss_change_allocation(
+        ...     None, before, after, loss_and_grad=model_loss_and_grad(net, data)
+        ... )
+        >>> res.error <= 1e-3
+        True
+    """
+
+    def loss_and_grad(params: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        return probe_loss_and_grad(
+            model, data, params, loss_fn=loss_fn, output_fn=output_fn, chunk_size=chunk_size
+        )
+
+    return loss_and_grad
+
+
+def _result(
+    lc: dict[str, Tensor],
+    loss0: Tensor | float,
+    loss1: Tensor | float,
+    splits: int,
+    evals: int,
+    grad_after: dict[str, Tensor] | None,
+) -> LCAResult:
+    total = _sum(lc)
+    true_delta = float(loss1) - float(loss0)
+    return LCAResult(
+        lc=lc,
+        total=total,
+        loss_before=float(loss0),
+        loss_after=float(loss1),
+        true_delta=true_delta,
+        error=abs(true_delta - total),
+        splits=splits,
+        grad_evals=evals,
+        grad_after=grad_after,
+    )
+
+
+def _sum(tensors: Mapping[str, Tensor]) -> float:
+    return float(sum(float(t.sum(dtype=torch.float64)) for t in tensors.values()))
+
+
+def _autograd_loss_and_grad(loss_fn: ParamLossFn | None) -> LossAndGradFn:
+    if loss_fn is None or not callable(loss_fn):
+        raise TypeError(
+            "Expected `loss_fn` to be a callable params -> scalar loss (or `loss_and_grad=` to "
+            f"be given), got {type(loss_fn).__name__}."
+        )
+
+    def loss_and_grad(params: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        with torch.enable_grad():
+            loss = _scalar(loss_fn(leaves))
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        return loss.detach(), {
+            k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)
+        }
+
+    return loss_and_grad
+
+
+def _loss_only(
+    loss_fn: ParamLossFn | None, grad_fn: LossAndGradFn, params: Mapping[str, Tensor]
+) -> Tensor:
+    if loss_fn is None:  # only a loss_and_grad was given: pay for the gradient
+        return grad_fn(dict(params))[0]
+    with torch.no_grad():
+        return _scalar(loss_fn(dict(params))).detach()
+
+
+def _scalar(loss: Any) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise ValueError(
+            "Expected `loss_fn` to return a scalar tensor, got "
+            f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}."
+        )
+    return loss.reshape(())
+
+
+def _check_arguments(method: str, splits: int, tolerance: float, max_splits: int) -> None:
+    if method not in METHODS:
+        raise ValueError(f"`method` can be {', '.join(map(repr, METHODS))}, got {method!r}.")
+    if not isinstance(splits, int) or isinstance(splits, bool) or splits < 2 or splits % 2:
+        raise ValueError(f"Expected `splits` to be an even int >= 2, got {splits!r}.")
+    if not isinstance(tolerance, (int, float)) or not tolerance > 0:
+        raise ValueError(f"Expected `tolerance` to be a positive number, got {tolerance!r}.")
+    if not isinstance(max_splits, int) or isinstance(max_splits, bool) or max_splits < splits:
+        raise ValueError(
+            f"Expected `max_splits` to be an int >= `splits` ({splits}), got {max_splits!r}."
+        )
+
+
+def _check_params(before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> list[str]:
+    if not before:
+        raise ValueError("Expected `before` to hold at least one parameter, got none.")
+    if set(before) != set(after):
+        missing = sorted(set(before) ^ set(after))
+        raise ValueError(
+            f"Expected `before` and `after` to have the same names, got differences {missing}."
+        )
+    for k, v in before.items():
+        if v.shape != after[k].shape:
+            raise ValueError(
+                f"Expected `after[{k!r}]` to have shape {tuple(v.shape)} like `before`, got "
+                f"{tuple(after[k].shape)}."
+            )
+    return list(before)
