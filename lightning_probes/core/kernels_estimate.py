@@ -1,0 +1,120 @@
+r"""Matrix-free alignment for models whose exact layer kernels are out of reach.
+
+The label term is exact with one backward pass: :math:`\tilde y^T K_c \tilde y =
+\|J^T \tilde y\|^2`, the squared norm of the layer's gradient of
+:math:`\sum_i \tilde y_i^T f(x_i)`. The Frobenius norm uses Hutchinson's estimator with
+Rademacher probes :math:`v`:
+
+.. math::
+    \|K_c\|_F^2 = \operatorname{Tr}(K_c^2) = \mathbb{E}_v \|K_c v\|^2, \qquad
+    K_c v = H J\, (J^T H v)
+
+with one vector-Jacobian product (:math:`J^T u`) and one Jacobian-vector product
+(:math:`J w`) per probe, through :mod:`torch.func` (``functional_call``, ``vjp``, ``jvp``).
+
+Error: for ``m`` probes the estimate of :math:`\|K_c\|_F^2` is unbiased with variance
+:math:`\frac{2}{m}(\|K_c^2\|_F^2 - \sum_k (K_c^2)_{kk}^2) \le \frac{2}{m} \|K_c\|_F^4`, so its
+relative standard error is at most :math:`\sqrt{2/m}` and that of :math:`\|K_c\|_F` about
+half of it (``m = 200``: ≤ 5 %). The returned ``std_error`` is the empirical standard error of
+the norm from the probes' spread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp, vjp
+
+from lightning_probes.core.evaluation import OutputFn, as_logits
+from lightning_probes.core.kernels import Layers, resolve_layers
+from lightning_probes.core.kernels_capture import check_batchnorm_eval
+from lightning_probes.functional.alignment import Centering, centered_labels
+
+
+@dataclass
+class AlignmentEstimate:
+    r"""Matrix-free alignment of one layer (0-d float64 tensors).
+
+    Attributes:
+        alignment: :math:`\tilde y^T K_c \tilde y / (\widehat{\|K_c\|}_F \|\tilde y\|^2)`.
+        frobenius: Estimate of :math:`\|K_c\|_F`.
+        std_error: Standard error of ``frobenius`` (delta method over the probes).
+        label_energy: :math:`\tilde y^T K_c \tilde y` (exact).
+    """
+
+    alignment: Tensor
+    frobenius: Tensor
+    std_error: Tensor
+    label_energy: Tensor
+
+
+def estimate_layer_alignments(
+    model: nn.Module,
+    inputs: Any,
+    targets: Tensor,
+    *,
+    layers: Layers = None,
+    output_fn: OutputFn | None = None,
+    centering: Centering = "samples",
+    num_probes: int = 100,
+    generator: torch.Generator | None = None,
+) -> dict[str, AlignmentEstimate]:
+    r"""Hutchinson estimate of :math:`\|K_c\|_F` and the alignment of every layer's kernel.
+
+    Args:
+        model: The network (BatchNorm in eval mode); not modified.
+        inputs: ``[n, ...]`` probe inputs (or a tuple of positional inputs).
+        targets: ``[n]`` class indices or ``[n, o]`` float targets.
+        layers: As in :func:`~lightning_probes.core.kernels.layer_tangent_kernels`.
+        output_fn: Maps the model output to logits ``[n, o]``.
+        centering: ``"samples"`` or ``"full"`` (see :mod:`lightning_probes.functional.alignment`).
+        num_probes: Rademacher probes per layer (relative std error of the norm ≲ 1/√(2m)).
+        generator: CPU generator for the probes (default: seeded with 0).
+
+    Returns:
+        ``{layer name: AlignmentEstimate}``.
+
+    Raises:
+        ValueError: If ``num_probes < 2`` or a BatchNorm is in train mode.
+    """
+    if not isinstance(num_probes, int) or num_probes < 2:
+        raise ValueError(f"Expected `num_probes` to be an int >= 2, got {num_probes!r}.")
+    check_batchnorm_eval(model)
+    gen = generator or torch.Generator().manual_seed(0)
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    selected = resolve_layers(model, layers)
+    module_names = {id(m): k for k, m in model.named_modules()}
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    out = {}
+    for name, module in selected.items():
+        prefix = module_names[id(module)]
+        prefix = f"{prefix}." if prefix else ""
+        own = {f"{prefix}{k}": p.detach() for k, p in module.named_parameters(recurse=False)}
+
+        def f(p: dict[str, Tensor]) -> Tensor:
+            return as_logits(functional_call(model, {**params, **p}, args), output_fn)
+
+        logits, pullback = vjp(f, own)  # type: ignore[misc]
+        n, o = logits.shape
+        y = centered_labels(targets, o, centering, dtype=logits.dtype).to(logits.device)
+        g = pullback(y.view(n, o))[0]
+        energy = sum(v.double().square().sum() for v in g.values())
+        samples = []
+        for _ in range(num_probes):
+            v = (torch.randint(0, 2, (n, o), generator=gen) * 2 - 1).to(logits)
+            w = pullback(_center(v, centering))[0]
+            kv = jvp(f, (own,), (w,))[1]
+            samples.append(_center(kv, centering).double().square().sum())
+        sq = torch.stack(samples)
+        frob = sq.mean().clamp_min(0).sqrt()
+        std_error = sq.std() / num_probes**0.5 / (2 * frob)
+        alignment = torch.as_tensor(energy) / (frob * y.double().square().sum())
+        out[name] = AlignmentEstimate(alignment, frob, std_error, torch.as_tensor(energy))
+    return out
+
+
+def _center(m: Tensor, centering: Centering) -> Tensor:
+    return m - m.mean(0, keepdim=True) if centering == "samples" else m - m.mean()

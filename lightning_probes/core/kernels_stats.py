@@ -1,0 +1,211 @@
+r"""Layer alignment statistics streamed block by block, one layer's kernel at a time.
+
+Only what the alignment needs is accumulated (in float64) over kernel blocks of
+``chunk_size`` samples, so neither all layers' kernels nor, with ``chunk_size``, one whole
+``(n·o, n·o)`` kernel is ever held. For the sample-centred kernel of each output pair
+:math:`K^{cd}` (``n × n``), with :math:`H = I - 11^T/n`,
+
+.. math::
+    \|H K^{cd} H\|_F^2 = \|K^{cd}\|_F^2 - \tfrac1n \|K^{cd} 1\|^2 - \tfrac1n \|K^{cd\,T} 1\|^2
+                         + \tfrac{1}{n^2} (1^T K^{cd} 1)^2,
+
+and since the centred labels satisfy :math:`H\tilde y = \tilde y`,
+:math:`\tilde y^T K_c \tilde y = \tilde y^T K \tilde y`. The alignment is then
+:math:`A = \tilde y^T K_c \tilde y / (\|K_c\|_F \|\tilde y\|^2)` (Lou et al. 2022, eq. (7)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_probes.core.evaluation import OutputFn
+from lightning_probes.core.kernels import KernelMethod, Layers, tangent_kernel_factors
+from lightning_probes.core.kernels_factors import LayerFactors, sample_spans
+from lightning_probes.functional.alignment import (
+    Centering,
+    center_kernel,
+    centered_labels,
+    spectral_norm_symmetric,
+)
+
+
+@dataclass
+class KernelStatistics:
+    r"""Alignment statistics of one layer's tangent kernel (0-d float64 tensors).
+
+    Attributes:
+        alignment: :math:`A_l = \tilde y^T K_c \tilde y / (\|K_c\|_F \|\tilde y\|^2)`.
+        frobenius: :math:`\|K_c\|_F`.
+        trace: :math:`\operatorname{Tr} K` (uncentred; bounds the output change, eq. (4)).
+        label_energy: :math:`\tilde y^T K_c \tilde y` (squared norm of the layer's gradient of
+            :math:`\sum_i \tilde y_i^T f(x_i)`).
+        stable_rank: :math:`\|K_c\|_F^2 / \|K_c\|_2^2` (NaN when not computed).
+        kernel: The full kernel ``(n·o, n·o)`` when ``keep_kernel=True``, else ``None``.
+    """
+
+    alignment: Tensor
+    frobenius: Tensor
+    trace: Tensor
+    label_energy: Tensor
+    stable_rank: Tensor
+    kernel: Tensor | None = None
+
+
+def kernel_statistics(
+    factors: LayerFactors,
+    targets: Tensor,
+    *,
+    centering: Centering = "samples",
+    chunk_size: int | None = None,
+    stable_rank: bool = True,
+    keep_kernel: bool = False,
+) -> KernelStatistics:
+    """Alignment statistics of one layer from its kernel factors, in one pass over blocks.
+
+    Args:
+        factors: From :func:`~lightning_probes.core.kernels.tangent_kernel_factors`.
+        targets: ``[n]`` class indices (``o`` classes) or ``[n, o]`` float targets.
+        centering: ``"samples"`` (authors' code) or ``"full"`` (paper eq. (6)).
+        chunk_size: Samples per block (``None``: one block, the whole kernel).
+        stable_rank: Compute the stable rank. Exact from the kernel without ``chunk_size``;
+            with it, by subspace iteration whose every step streams all blocks again (costly).
+        keep_kernel: Also return the kernel (only without ``chunk_size``).
+
+    Returns:
+        :class:`KernelStatistics`.
+    """
+    n, o = factors.num_samples, factors.num_outputs
+    y = centered_labels(targets, o, centering).reshape(n, o).to(factors_device(factors))
+    spans = sample_spans(n, chunk_size)
+    f64 = torch.float64
+    sq = torch.zeros((), dtype=f64, device=y.device)
+    quad = torch.zeros((), dtype=f64, device=y.device)
+    trace = torch.zeros((), dtype=f64, device=y.device)
+    rows = torch.zeros(n, o, o, dtype=f64, device=y.device)  # rows[i,c,d] = Σ_j K[i,c,j,d]
+    whole: Tensor | None = None
+    for a, r in enumerate(spans):
+        for s in spans[a:]:
+            raw = factors.block(r, s)
+            if len(spans) == 1:
+                whole = raw
+            blk = raw.to(f64).view(r.stop - r.start, o, s.stop - s.start, o)
+            twice = 1.0 if r == s else 2.0
+            sq += twice * blk.square().sum()
+            quad += twice * torch.einsum("ic,icjd,jd->", y[r], blk, y[s])
+            rows[r] += blk.sum(2)
+            if r == s:
+                trace += torch.diagonal(raw.to(f64)).sum()
+            else:
+                rows[s] += blk.sum(0).permute(1, 2, 0)
+    if centering == "samples":
+        total = rows.sum(0)
+        frob2 = sq - 2.0 / n * rows.square().sum() + total.square().sum() / n**2
+    else:
+        per_row = rows.sum(2)
+        frob2 = sq - 2.0 / (n * o) * per_row.square().sum() + per_row.sum() ** 2 / (n * o) ** 2
+    frob = frob2.clamp_min(0).sqrt()
+    alignment = quad / (frob * y.square().sum())
+    rank = torch.tensor(float("nan"), dtype=f64, device=y.device)
+    if stable_rank:
+        if whole is not None:
+            top = spectral_norm_symmetric(center_kernel(whole.to(f64), o, centering))
+        else:
+            top = _streamed_top_eigenvalue(factors, spans, o, centering)
+        rank = frob2 / top**2
+    return KernelStatistics(alignment, frob, trace, quad, rank, whole if keep_kernel else None)
+
+
+def layer_alignments(
+    model: nn.Module,
+    inputs: Any,
+    targets: Tensor,
+    *,
+    layers: Layers = None,
+    output_fn: OutputFn | None = None,
+    centering: Centering = "samples",
+    chunk_size: int | None = None,
+    stable_rank: bool = True,
+    keep_kernels: bool = False,
+    method: KernelMethod = "auto",
+) -> dict[str, KernelStatistics]:
+    r"""Alignment :math:`A_l` of every layer's tangent kernel with the labels, layer by layer.
+
+    One forward and one batched backward collect all layers' factors; then each layer's kernel
+    is formed (or streamed in blocks), reduced to its statistics and dropped before the next.
+
+    Args:
+        model: The network (BatchNorm in eval mode); not modified.
+        inputs: ``[n, ...]`` probe inputs (or a tuple of positional inputs).
+        targets: ``[n]`` class indices in ``[0, o)`` or ``[n, o]`` float targets.
+        layers: As in :func:`~lightning_probes.core.kernels.layer_tangent_kernels`.
+        output_fn: Maps the model output to logits ``[n, o]``.
+        centering: ``"samples"`` (authors' code, default) or ``"full"`` (paper eq. (6)).
+        chunk_size: Samples per forward/backward and per kernel block.
+        stable_rank: Also compute the stable rank of :math:`K_c`.
+        keep_kernels: Return each layer's kernel too (memory: all of them).
+        method: Kernel path, see :func:`~lightning_probes.core.kernels.layer_tangent_kernels`.
+
+    Returns:
+        ``{layer name: KernelStatistics}``.
+    """
+    factors = tangent_kernel_factors(
+        model, inputs, layers=layers, output_fn=output_fn, chunk_size=chunk_size, method=method
+    )
+    out = {}
+    for name in list(factors):
+        f = factors.pop(name)  # drop each layer's factors (and kernel) once reduced
+        out[name] = kernel_statistics(
+            f,
+            targets,
+            centering=centering,
+            chunk_size=chunk_size,
+            stable_rank=stable_rank,
+            keep_kernel=keep_kernels and chunk_size is None,
+        )
+    return out
+
+
+def factors_device(factors: LayerFactors) -> torch.device:
+    """Device of a layer's factors."""
+    first = getattr(factors, "features", None)
+    if isinstance(first, Tensor):
+        return first.device
+    return factors.block(slice(0, 1), slice(0, 1)).device
+
+
+def _streamed_top_eigenvalue(
+    factors: LayerFactors, spans: list[slice], o: int, centering: Centering, iters: int = 60
+) -> Tensor:
+    """Top eigenvalue of :math:`K_c` by block subspace iteration with streamed products."""
+    n = factors.num_samples
+    device = factors_device(factors)
+    gen = torch.Generator().manual_seed(0)
+    v = torch.linalg.qr(torch.randn(n * o, 4, generator=gen, dtype=torch.float64)).Q.to(device)
+
+    def center(m: Tensor) -> Tensor:
+        if centering == "full":
+            return m - m.mean(0, keepdim=True)
+        m3 = m.view(n, o, -1)
+        return (m3 - m3.mean(0, keepdim=True)).view(n * o, -1)
+
+    last = torch.zeros((), dtype=torch.float64, device=device)
+    top = last
+    for _ in range(iters):
+        u, w = center(v), torch.zeros_like(v)
+        for a, r in enumerate(spans):
+            for s in spans[a:]:
+                blk = factors.block(r, s).to(torch.float64)
+                w[r.start * o : r.stop * o] += blk @ u[s.start * o : s.stop * o]
+                if r != s:
+                    w[s.start * o : s.stop * o] += blk.T @ u[r.start * o : r.stop * o]
+        w = center(w)
+        top = torch.linalg.eigvalsh(v.T @ w).abs().max()
+        v = torch.linalg.qr(w).Q
+        if (top - last).abs() <= 1e-9 * top:
+            break
+        last = top
+    return top
