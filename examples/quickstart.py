@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -17,10 +18,14 @@ from pytorch_lightning.loggers import TensorBoardLogger
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits import DigitsMLP, digits_loaders
 
+# name -> factory of each probe as the quickstart attaches it (cheap settings for a CPU demo).
+# benchmarks/bench_overhead.py times the same run with each of these alone and all together.
+QUICKSTART_PROBES: dict[str, Callable[[], pl.Callback]] = {}
+
 
 def make_probes() -> list[pl.Callback]:
     """Every probe the library has, at settings cheap enough for a CPU demo."""
-    return []
+    return [factory() for factory in QUICKSTART_PROBES.values()]
 
 
 def main() -> None:
