@@ -1,0 +1,87 @@
+"""Figures of :class:`~lightning_probes.callbacks.lca.LossContributionCallback`.
+
+Drawn on a bare matplotlib ``Figure`` (:func:`lightning_probes.logging.new_figure`), never
+through pyplot. Lan et al. (NeurIPS 2019), Figs. 1 and 4: which layers helped (negative
+cumulative LC) or hurt, and the loss curve rebuilt from the allocations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lightning_probes import logging as plog
+from lightning_probes.functional.lca import rebuild_loss_curve
+
+if TYPE_CHECKING:
+    import torch
+    from matplotlib.figure import Figure
+
+HELPED, HURT = "#2a9d8f", "#e76f51"
+
+
+def cumulative_by_layer_figure(cumulative: Mapping[str, float]) -> Figure:
+    """Horizontal bars of the cumulative LC of every layer (negative: the layer helped).
+
+    Args:
+        cumulative: ``{layer: Σ over instrumented steps and parameters of LC}``.
+
+    Returns:
+        A figure with one bar per layer, in model order.
+    """
+    names = list(cumulative)
+    values = np.array([cumulative[n] for n in names], dtype=np.float64)
+    fig = plog.new_figure(6.0, 0.35 * len(names) + 1.6)
+    ax = fig.add_subplot()
+    ax.barh(np.arange(len(names)), values, color=[HELPED if v < 0 else HURT for v in values])
+    ax.set_yticks(np.arange(len(names)), names)
+    ax.invert_yaxis()
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_xlabel("cumulative loss contribution (negative = helped)")
+    ax.set_title("LCA per layer")
+    fig.tight_layout()
+    return fig
+
+
+def loss_curve_figure(history: torch.Tensor) -> Figure:
+    r"""The loss curve rebuilt from LC, :math:`L_0 + \sum_t \sum_i LC_{i,t}`, vs the measured one.
+
+    Each run of consecutive instrumented steps starts from the loss measured before its first
+    step; gaps (steps not instrumented) start a new segment.
+
+    Args:
+        history: ``[m, ≥4]`` rows ``(step, L(θ_t), L(θ_{t+1}), Σ LC)`` in step order.
+
+    Returns:
+        A figure with the measured loss (dots) and the rebuilt loss (lines) per segment.
+    """
+    h = plog.as_numpy(history)
+    fig = plog.new_figure(6.0, 4.0)
+    ax = fig.add_subplot()
+    for i, seg in enumerate(_segments(h[:, 0])):
+        steps = np.concatenate([[h[seg[0], 0] - 1], h[seg, 0]])
+        rebuilt = plog.as_numpy(rebuild_loss_curve(float(h[seg[0], 1]), _tensor(h[seg, 3])))
+        measured = np.concatenate([[h[seg[0], 1]], h[seg, 2]])
+        ax.plot(steps, measured, "o", ms=3, color="black", label="measured" if i == 0 else None)
+        ax.plot(steps, rebuilt, "-", color=HURT, label="rebuilt from LC" if i == 0 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss on the LCA set")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _segments(steps: np.ndarray) -> list[np.ndarray]:
+    """Indices of runs of consecutive steps."""
+    if steps.size == 0:
+        return []
+    breaks = np.nonzero(np.diff(steps) != 1)[0] + 1
+    return np.split(np.arange(steps.size), breaks)
+
+
+def _tensor(values: np.ndarray) -> torch.Tensor:
+    import torch
+
+    return torch.as_tensor(values, dtype=torch.float64)
