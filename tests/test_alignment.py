@@ -103,7 +103,9 @@ def test_centered_kernel_alignment_matches_numpy_and_is_symmetric():
     got = centered_kernel_alignment(torch.from_numpy(K1), torch.from_numpy(K2))
     np.testing.assert_allclose(float(got), want, rtol=1e-12)
     np.testing.assert_allclose(
-        float(centered_kernel_alignment(torch.from_numpy(K2), torch.from_numpy(K1))), want, rtol=1e-12
+        float(centered_kernel_alignment(torch.from_numpy(K2), torch.from_numpy(K1))),
+        want,
+        rtol=1e-12,
     )
 
 
@@ -135,9 +137,13 @@ def test_functional_errors():
 
 def net_and_data(seed=0, n=13):
     torch.manual_seed(seed)
-    net = nn.Sequential(
-        nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 6, bias=False), nn.Tanh(), nn.Linear(6, 3)
-    ).double().eval()
+    net = (
+        nn.Sequential(
+            nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 6, bias=False), nn.Tanh(), nn.Linear(6, 3)
+        )
+        .double()
+        .eval()
+    )
     return net, torch.randn(n, 5, dtype=torch.float64), torch.randint(0, 3, (n,))
 
 
@@ -171,7 +177,7 @@ def test_hutchinson_frobenius_is_unbiased_and_converges():
     net, x, y = net_and_data(seed=1, n=10)
     exact = layer_alignments(net, x, y)
     errors = {}
-    for m in (8, 400):
+    for m in (8, 256):
         est = estimate_layer_alignments(
             net, x, y, num_probes=m, generator=torch.Generator().manual_seed(m)
         )
@@ -184,6 +190,6 @@ def test_hutchinson_frobenius_is_unbiased_and_converges():
             assert abs(float(e.frobenius) - f) <= 4 * float(e.std_error) + 1e-12, (m, name)
             assert rel <= 4 * np.sqrt(2 / m) / 2
             torch.testing.assert_close(e.label_energy, exact[name].label_energy, rtol=1e-10, atol=0)
-    assert np.mean(errors[400]) < np.mean(errors[8])
+    assert np.mean(errors[256]) < np.mean(errors[8])
     with pytest.raises(ValueError, match="Expected `num_probes` to be an int >= 2, got 1"):
         estimate_layer_alignments(net, x, y, num_probes=1)

@@ -37,7 +37,9 @@ def assert_close_kernels(got, want):
     assert list(got) == list(want)
     for name in want:
         assert got[name].shape == want[name].shape, name
-        torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=1e-10 * want[name].abs().max())
+        torch.testing.assert_close(
+            got[name], want[name], rtol=RTOL, atol=1e-10 * want[name].abs().max()
+        )
 
 
 def mlp(bias=True):
@@ -133,7 +135,9 @@ def test_fallback_embedding_layernorm_batchnorm_eval(chunk_size):
         net.ln.weight.uniform_(0.5, 2)
     net.eval()
     tokens = torch.randint(0, 11, (6, 5))
-    got = layer_tangent_kernels(net, tokens, layers=["emb", "ln", "bn", "fc"], chunk_size=chunk_size)
+    got = layer_tangent_kernels(
+        net, tokens, layers=["emb", "ln", "bn", "fc"], chunk_size=chunk_size
+    )
     assert_close_kernels(got, reference_kernels(net, tokens, got))
 
 
@@ -223,7 +227,9 @@ class Shared(nn.Module):
 
 
 def test_rejects_a_module_called_twice():
-    with pytest.raises(ValueError, match="Expected layer 'block' to run exactly once per forward, got 2"):
+    with pytest.raises(
+        ValueError, match="Expected layer 'block' to run exactly once per forward, got 2"
+    ):
         layer_tangent_kernels(Shared(), torch.randn(3, 3))
     got = layer_tangent_kernels(Shared(), torch.randn(3, 3), layers=["inp", "out"])
     assert list(got) == ["inp", "out"]
@@ -231,7 +237,9 @@ def test_rejects_a_module_called_twice():
 
 def test_rejects_batchnorm_in_train_mode():
     net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match="Expected BatchNorm layers in eval mode.*Got train mode in: 1"):
+    with pytest.raises(
+        ValueError, match="Expected BatchNorm layers in eval mode.*Got train mode in: 1"
+    ):
         layer_tangent_kernels(net, torch.randn(5, 3))
     assert layer_tangent_kernels(net.eval(), torch.randn(5, 3))["2"].shape == (10, 10)
 
@@ -243,9 +251,13 @@ def test_other_errors():
         layer_tangent_kernels(net, x, layers=["1"])
     with pytest.raises(ValueError, match="Layer 'nope' not found"):
         layer_tangent_kernels(net, x, layers="nope")
-    with pytest.raises(ValueError, match="logits of shape \\[n, o\\] = \\[3, o\\], got \\(3, 1, 3\\)"):
+    with pytest.raises(
+        ValueError, match="logits of shape \\[n, o\\] = \\[3, o\\], got \\(3, 1, 3\\)"
+    ):
         layer_tangent_kernels(net, x, output_fn=lambda out: out[:, None])
     with pytest.raises(ValueError, match="`method` can be auto, gram, jacobian, func, got 'fast'"):
         layer_tangent_kernels(net, x, method="fast")
-    with pytest.raises(ValueError, match="Expected `chunk_size` to be a positive int or None, got 0"):
+    with pytest.raises(
+        ValueError, match="Expected `chunk_size` to be a positive int or None, got 0"
+    ):
         layer_tangent_kernels(net, x, chunk_size=0)

@@ -21,12 +21,13 @@ the norm from the probes' spread.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vjp
+from torch.func import functional_call, jvp, vjp, vmap
 
 from lightning_probes.core.evaluation import OutputFn, as_logits
 from lightning_probes.core.kernels import Layers, resolve_layers
@@ -61,6 +62,7 @@ def estimate_layer_alignments(
     centering: Centering = "samples",
     num_probes: int = 100,
     generator: torch.Generator | None = None,
+    probe_chunk: int | None = 64,
 ) -> dict[str, AlignmentEstimate]:
     r"""Hutchinson estimate of :math:`\|K_c\|_F` and the alignment of every layer's kernel.
 
@@ -73,6 +75,7 @@ def estimate_layer_alignments(
         centering: ``"samples"`` or ``"full"`` (see :mod:`lightning_probes.functional.alignment`).
         num_probes: Rademacher probes per layer (relative std error of the norm ≲ 1/√(2m)).
         generator: CPU generator for the probes (default: seeded with 0).
+        probe_chunk: Probes per vmapped vjp/jvp call (memory: that many tangents at once).
 
     Returns:
         ``{layer name: AlignmentEstimate}``.
@@ -93,28 +96,44 @@ def estimate_layer_alignments(
         prefix = module_names[id(module)]
         prefix = f"{prefix}." if prefix else ""
         own = {f"{prefix}{k}": p.detach() for k, p in module.named_parameters(recurse=False)}
-
-        def f(p: dict[str, Tensor]) -> Tensor:
-            return as_logits(functional_call(model, {**params, **p}, args), output_fn)
-
-        logits, pullback = vjp(f, own)  # type: ignore[misc]
-        n, o = logits.shape
-        y = centered_labels(targets, o, centering, dtype=logits.dtype).to(logits.device)
-        g = pullback(y.view(n, o))[0]
-        energy = sum(v.double().square().sum() for v in g.values())
-        samples = []
-        for _ in range(num_probes):
-            v = (torch.randint(0, 2, (n, o), generator=gen) * 2 - 1).to(logits)
-            w = pullback(_center(v, centering))[0]
-            kv = jvp(f, (own,), (w,))[1]
-            samples.append(_center(kv, centering).double().square().sum())
-        sq = torch.stack(samples)
-        frob = sq.mean().clamp_min(0).sqrt()
-        std_error = sq.std() / num_probes**0.5 / (2 * frob)
-        alignment = torch.as_tensor(energy) / (frob * y.double().square().sum())
-        out[name] = AlignmentEstimate(alignment, frob, std_error, torch.as_tensor(energy))
+        out[name] = _estimate_layer(
+            lambda p: as_logits(functional_call(model, {**params, **p}, args), output_fn),
+            own, targets, centering, num_probes, gen, probe_chunk,
+        )  # fmt: skip
     return out
 
 
+def _estimate_layer(
+    f: Callable[[dict[str, Tensor]], Tensor],
+    own: dict[str, Tensor],
+    targets: Tensor,
+    centering: Centering,
+    num_probes: int,
+    gen: torch.Generator,
+    probe_chunk: int | None,
+) -> AlignmentEstimate:
+    logits, pullback = vjp(f, own)  # type: ignore[misc]
+    n, o = logits.shape
+    y = centered_labels(targets, o, centering, dtype=logits.dtype).to(logits.device)
+    g = pullback(y.view(n, o))[0]
+    energy = torch.stack([v.double().square().sum() for v in g.values()]).sum()
+    signs = torch.randint(0, 2, (num_probes, n, o), generator=gen) * 2 - 1
+    v = _center(signs.to(logits), centering)
+
+    def k_times(u: Tensor) -> Tensor:
+        w = pullback(u)[0]
+        return _center(jvp(f, (own,), (w,))[1], centering)
+
+    # all probes at once (vmap over the probe axis): ``m`` vjp/jvp pairs in batched calls
+    kv = vmap(k_times, chunk_size=probe_chunk)(v)
+    sq = kv.double().square().sum((1, 2))
+    frob = sq.mean().clamp_min(0).sqrt()
+    std_error = sq.std() / num_probes**0.5 / (2 * frob)
+    alignment = energy / (frob * y.double().square().sum())
+    return AlignmentEstimate(alignment, frob, std_error, energy)
+
+
 def _center(m: Tensor, centering: Centering) -> Tensor:
-    return m - m.mean(0, keepdim=True) if centering == "samples" else m - m.mean()
+    if centering == "samples":
+        return m - m.mean(-2, keepdim=True)
+    return m - m.mean((-2, -1), keepdim=True)
