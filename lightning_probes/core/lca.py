@@ -107,7 +107,8 @@ def loss_change_allocation(
         loss_and_grad: ``params -> (loss, grads)``; overrides autograd on ``loss_fn`` (e.g.
             chunked full-probe-set gradients, :func:`model_loss_and_grad`).
         start: ``(loss, grads)`` already known at ``before`` (the previous step's
-            ``grad_after``); saves one gradient evaluation.
+            ``grad_after``); saves one gradient evaluation. Its gradient tensors are used as
+            workspace and overwritten (pass copies to keep them).
         keep_grad_after: Return the gradient at ``after`` (``first_order`` then computes it
             instead of only the loss, which makes the next step's ``start`` free).
 
@@ -161,7 +162,10 @@ def loss_change_allocation(
         evals += 1
         return grad_fn({k: torch.lerp(before[k], after[k], s) for k in names})[1]
 
-    acc = {k: delta(k) * g0[k].to(acc_dtype[k]) for k in names}  # Δ ⊙ g(θ_t)
+    # Δ ⊙ g(θ_t), in the buffers of g(θ_t) when they are ours or handed over (one copy less)
+    acc = {
+        k: g0[k].mul_(delta(k)) if g0[k].dtype == acc_dtype[k] else delta(k) * g0[k] for k in names
+    }
     del g0
     if method == "first_order":
         if keep_grad_after:
