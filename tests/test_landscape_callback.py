@@ -221,7 +221,12 @@ def test_segments_against_interpolated_weights(tmp_path):
 
 def test_hessian_short_directions_against_dense_hessian(tmp_path):
     probe = LandscapeCallback(
-        at_steps=[3], plane_every_n_runs=0, hessian_top_k=4, probe_size=32, on_error="raise"
+        at_steps=[3],
+        plane_every_n_runs=0,
+        hessian_top_k=4,
+        hessian_iters=25,
+        probe_size=32,
+        on_error="raise",
     )
     trainer, module = fit(tmp_path, [probe], max_steps=3, module=lambda: TinyClassifier(hidden=6))
     names = [n for n, _ in module.named_parameters()]
