@@ -107,6 +107,10 @@ def test_logged_values_match_a_naive_reference(tmp_path):
         assert log.values_of(KEY + "true_delta_loss")[i] == pytest.approx(true, rel=1e-9)
         assert log.values_of(KEY + "lc")[i] == pytest.approx(true, abs=1e-7)  # the tolerance
         assert log.values_of(KEY + "error")[i] <= 1e-7
+        helped = sum(int((v < 0).sum()) for v in ref.values()) / sum(
+            v.numel() for v in ref.values()
+        )
+        assert log.values_of(KEY + "fraction_helped")[i] == pytest.approx(helped, abs=0.01)
         for layer in layers:
             own = [v for k, v in ref.items() if layer_of(k) == layer]
             expected = sum(float(v.sum()) for v in own)
@@ -327,7 +331,7 @@ def test_resume_interrupted_equals_uninterrupted(tmp_path):
         loader=loader(), enable_checkpointing=True,
     )  # fmt: skip
     raw = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
-    assert raw["callbacks"][first.state_key]["history"].shape == (4, 6)
+    assert raw["callbacks"][first.state_key]["history"].shape == (4, 7)
     resumed = LossContributionCallback(every_n_steps=1, window=1, probe_size=32, method="simpson")
     pl.seed_everything(0, verbose=False)
     trainer = make_trainer(tmp_path / "resumed", [resumed], max_steps=-1, max_epochs=2)

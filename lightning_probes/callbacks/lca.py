@@ -30,7 +30,7 @@ from typing_extensions import override
 
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.base import NonFiniteValueError, ProbeCallback
-from lightning_probes.callbacks.lca_plots import cumulative_by_layer_figure, loss_curve_figure
+from lightning_probes.callbacks.lca_plots import ROOT_LAYER, log_artefacts
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import LossFn, OutputFn, probe_loss
 from lightning_probes.core.lca import (
@@ -39,12 +39,10 @@ from lightning_probes.core.lca import (
     loss_change_allocation,
     model_loss_and_grad,
 )
-from lightning_probes.functional.lca import fraction_helped, layer_sums, per_neuron_lc, weibull_fit
+from lightning_probes.functional.lca import fraction_helped, layer_sums
 
 BatchNormMode = Literal["batch", "running"]
-_HISTORY_COLUMNS = ("step", "loss_before", "loss_after", "lc", "error", "splits")
-ROOT_LAYER = "_root"
-"""Layer name of parameters registered on the LightningModule itself."""
+_HISTORY_COLUMNS = ("step", "loss_before", "loss_after", "lc", "error", "splits", "helped")
 
 
 class LossContributionCallback(ProbeCallback):
@@ -160,7 +158,10 @@ class LossContributionCallback(ProbeCallback):
 
     @property
     def history(self) -> Tensor:
-        """``[m, 6]`` rows ``(step, L(θ_t), L(θ_{t+1}), Σ LC, error, splits)`` (float64)."""
+        """``[m, 7]`` rows ``(step, L(θ_t), L(θ_{t+1}), Σ LC, error, splits, fraction helped)``.
+
+        One row per allocated step (float64); the loss is on the LCA set.
+        """
         return torch.tensor(self._history, dtype=torch.float64).reshape(-1, len(_HISTORY_COLUMNS))
 
     @property
@@ -300,7 +301,15 @@ class LossContributionCallback(ProbeCallback):
             )
             self._cumulative[name].add_(value)
         self._history.append(
-            (step, result.loss_before, result.loss_after, result.total, result.error, result.splits)
+            (
+                step,
+                result.loss_before,
+                result.loss_after,
+                result.total,
+                result.error,
+                result.splits,
+                fraction_helped(lc.values()),
+            )
         )
         if keep:
             for k in before:
@@ -325,7 +334,7 @@ class LossContributionCallback(ProbeCallback):
             self.key("error"): result.error,
             self.key("splits"): float(result.splits),
             self.key("loss"): result.loss_after,
-            self.key("fraction_helped"): fraction_helped(lc.values()),
+            self.key("fraction_helped"): self._history[-1][6],
             self.key("cumulative_lc"): sum(cum_sums.values()),
         }
         if result.true_delta != 0.0:
@@ -341,40 +350,24 @@ class LossContributionCallback(ProbeCallback):
     def _log_artefacts(
         self, trainer: Trainer, pl_module: LightningModule, lc: dict[str, Tensor]
     ) -> None:
-        metrics: dict[str, float] = {}
-        by_layer: dict[str, list[Tensor]] = {}
-        for name, value in lc.items():
-            by_layer.setdefault(self._layer_of.get(name, ROOT_LAYER), []).append(value.flatten())
-        for layer, values in by_layer.items():
-            plog.log_histogram(trainer, self.key("lc", layer), torch.cat(values))
-        if self.per_neuron:
-            metrics.update(self._log_neurons(trainer))
-        if _scipy_available() and lc:
-            shape, scale = weibull_fit(
-                torch.cat([v.flatten() for v in lc.values()]), seed=self.seed
-            )
-            if shape == shape:  # not NaN
-                metrics[self.key("weibull_shape")] = shape
-                metrics[self.key("weibull_scale")] = scale
+        figures = (
+            trainer.is_global_zero
+            and bool(plog.tensorboard_writers(trainer))
+            and self.figures_enabled()
+        )
+        metrics = log_artefacts(
+            trainer,
+            self.key,
+            lc,
+            self._cumulative,
+            self._layer_of,
+            self.history,
+            per_neuron=self.per_neuron,
+            figures=figures,
+            seed=self.seed,
+        )
         if metrics:
             self.log_scalars(trainer, pl_module, metrics)
-        if trainer.is_global_zero and plog.tensorboard_writers(trainer) and self.figures_enabled():
-            cum = layer_sums(self._cumulative, self._layer_of)
-            plog.log_figure(
-                trainer, self.key("cumulative_by_layer"), cumulative_by_layer_figure(cum)
-            )
-            plog.log_figure(trainer, self.key("loss_curve"), loss_curve_figure(self.history))
-
-    def _log_neurons(self, trainer: Trainer) -> dict[str, float]:
-        metrics = {}
-        for layer in dict.fromkeys(self._layer_of.values()):
-            weight = self._cumulative.get(f"{layer}.weight")
-            if weight is None or weight.ndim < 2:
-                continue
-            neurons = per_neuron_lc(weight, self._cumulative.get(f"{layer}.bias"))
-            plog.log_histogram(trainer, self.key("neuron_cumulative_lc", layer), neurons)
-            metrics[self.key("neuron_fraction_helped", layer)] = fraction_helped(neurons)
-        return metrics
 
     def _loss_buffers(self, pl_module: LightningModule) -> dict[str, Tensor]:
         """Buffers the LCA loss depends on (a kept gradient is valid while they are unchanged).
@@ -406,11 +399,3 @@ class LossContributionCallback(ProbeCallback):
 
 def _all_equal(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _scipy_available() -> bool:
-    try:
-        import scipy.stats  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -1,4 +1,4 @@
-"""Figures of :class:`~lightning_probes.callbacks.lca.LossContributionCallback`.
+"""Artefacts of :class:`~lightning_probes.callbacks.lca.LossContributionCallback`.
 
 Drawn on a bare matplotlib ``Figure`` (:func:`lightning_probes.logging.new_figure`), never
 through pyplot. Lan et al. (NeurIPS 2019), Figs. 1 and 4: which layers helped (negative
@@ -7,19 +7,84 @@ cumulative LC) or hurt, and the loss curve rebuilt from the allocations.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+from pytorch_lightning import Trainer
+from torch import Tensor
 
 from lightning_probes import logging as plog
-from lightning_probes.functional.lca import rebuild_loss_curve
+from lightning_probes.functional.lca import (
+    fraction_helped,
+    layer_sums,
+    per_neuron_lc,
+    rebuild_loss_curve,
+    weibull_fit,
+)
 
 if TYPE_CHECKING:
-    import torch
     from matplotlib.figure import Figure
 
 HELPED, HURT = "#2a9d8f", "#e76f51"
+ROOT_LAYER = "_root"
+"""Layer name of parameters registered on the LightningModule itself."""
+
+
+def log_artefacts(
+    trainer: Trainer,
+    key: Callable[..., str],
+    lc: Mapping[str, Tensor],
+    cumulative: Mapping[str, Tensor],
+    layer_of: Mapping[str, str],
+    history: Tensor,
+    *,
+    per_neuron: bool,
+    figures: bool,
+    seed: int,
+) -> dict[str, float]:
+    """Histograms and figures of one allocated step; returns the scalars to log with them.
+
+    Args:
+        trainer: Where histograms and figures go (TensorBoard writers, rank zero).
+        key: ``(quantity, layer=None) -> metric key``.
+        lc: The step's per-parameter LC.
+        cumulative: Per-parameter cumulative LC.
+        layer_of: ``{parameter name: layer name}``.
+        history: The callback's ``history`` rows, for the rebuilt loss curve.
+        per_neuron: Add per-neuron sums of the cumulative LC (histogram + fraction helped).
+        figures: Draw the figures (matplotlib present and a TensorBoard writer to take them).
+        seed: Seed of the Weibull fit's subsample.
+
+    Returns:
+        ``weibull_shape``/``weibull_scale`` of the step's :math:`|LC|` (with scipy) and, with
+        ``per_neuron``, ``<layer>/neuron_fraction_helped``.
+    """
+    metrics: dict[str, float] = {}
+    by_layer: dict[str, list[Tensor]] = {}
+    for name, value in lc.items():
+        by_layer.setdefault(layer_of.get(name, ROOT_LAYER), []).append(value.flatten())
+    for layer, values in by_layer.items():
+        plog.log_histogram(trainer, key("lc", layer), torch.cat(values))
+    if per_neuron:
+        for layer in dict.fromkeys(layer_of.values()):
+            weight = cumulative.get(f"{layer}.weight")
+            if weight is None or weight.ndim < 2:
+                continue
+            neurons = per_neuron_lc(weight, cumulative.get(f"{layer}.bias"))
+            plog.log_histogram(trainer, key("neuron_cumulative_lc", layer), neurons)
+            metrics[key("neuron_fraction_helped", layer)] = fraction_helped(neurons)
+    if lc and _scipy_available():
+        shape, scale = weibull_fit(torch.cat([v.flatten() for v in lc.values()]), seed=seed)
+        if shape == shape:  # not NaN
+            metrics[key("weibull_shape")] = shape
+            metrics[key("weibull_scale")] = scale
+    if figures:
+        per_layer = layer_sums(cumulative, layer_of)
+        plog.log_figure(trainer, key("cumulative_by_layer"), cumulative_by_layer_figure(per_layer))
+        plog.log_figure(trainer, key("loss_curve"), loss_curve_figure(history))
+    return metrics
 
 
 def cumulative_by_layer_figure(cumulative: Mapping[str, float]) -> Figure:
@@ -82,6 +147,12 @@ def _segments(steps: np.ndarray) -> list[np.ndarray]:
 
 
 def _tensor(values: np.ndarray) -> torch.Tensor:
-    import torch
-
     return torch.as_tensor(values, dtype=torch.float64)
+
+
+def _scipy_available() -> bool:
+    try:
+        import scipy.stats  # noqa: F401
+    except ImportError:
+        return False
+    return True
