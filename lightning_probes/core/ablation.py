@@ -300,7 +300,7 @@ def evaluate_interventions(
     masks: Masks | None = None,
     with_loss: bool = False,
     output_fn: OutputFn | None = None,
-    memory_budget: int = 2**28,
+    memory_budget: int = 2**25,
 ) -> tuple[Tensor, Tensor | None]:
     """Accuracy (and summed cross-entropy) of ``model`` under ``num_masks`` interventions.
 
@@ -341,7 +341,7 @@ def evaluate_interventions(
             correct[sl] += (logits.argmax(-1) == y).sum(1).to("cpu", torch.float64)
             if with_loss:
                 ce = nn.functional.cross_entropy(
-                    logits.flatten(0, 1).float(), y.repeat(m), reduction="none"
+                    logits.flatten(0, 1).double(), y.repeat(m), reduction="none"
                 )
                 loss[sl] += ce.view(m, -1).sum(1).to("cpu", torch.float64)
     return correct / n, (loss / n if with_loss else None)
@@ -409,7 +409,7 @@ def _run(
     if shortcut is not None:
         modules[shortcut[0]] = shortcut[1]
     inputs = x.repeat(m, *([1] * (x.ndim - 1))) if expand_inputs else x
-    with replace_output(modules, intervene):
+    with torch.no_grad(), replace_output(modules, intervene):
         logits = as_logits(model(inputs), output_fn)
     if logits.shape[0] != m * n:
         raise _BatchMismatchError(f"the model returned batch {logits.shape[0]}, not {m * n}")
@@ -476,7 +476,7 @@ def point_statistics(
         return out
 
     n = inputs.shape[0]
-    with replace_output({p.name: p.module for p in trace.points}, record):
+    with torch.no_grad(), replace_output({p.name: p.module for p in trace.points}, record):
         for s0 in range(0, n, chunk_size):
             model(inputs[s0 : s0 + chunk_size])
     means, stds = [], []
@@ -546,7 +546,7 @@ def ablation_curve(
     generator: torch.Generator | None = None,
     follow_activation: bool = True,
     output_fn: OutputFn | None = None,
-    memory_budget: int = 2**28,
+    memory_budget: int = 2**25,
 ) -> AblationCurve:
     r"""Accuracy as units of ``layers`` are ablated cumulatively in random orders.
 
@@ -659,7 +659,7 @@ def noise_curve(
     generator: torch.Generator | None = None,
     follow_activation: bool = True,
     output_fn: OutputFn | None = None,
-    memory_budget: int = 2**28,
+    memory_budget: int = 2**25,
 ) -> NoiseCurve:
     r"""Accuracy with Gaussian noise on every unit of ``layers`` (Morcos et al., 2018, sec. 2.2).
 
