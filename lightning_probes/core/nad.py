@@ -1,0 +1,491 @@
+r"""Neural Anisotropy Directions of an architecture, from many random initialisations.
+
+Ortiz-Jiménez, Modas, Moosavi-Dezfooli, Frossard, "Neural Anisotropy Directions",
+NeurIPS 2020. The authors' procedure (their public code): ``num_networks`` freshly
+initialised networks with one scalar output, in ``eval()`` mode; one fixed evaluation point
+:math:`x_0 \sim \mathcal N(0, I)`; for each network the "gradient" of :math:`f = -\text{net}`
+by central differences with a large step :math:`h = 100` along every input basis vector,
+
+.. math:: g_i = \frac{f(x_0 + h e_i) - f(x_0 - h e_i)}{2h},
+
+then a mean-centred PCA of the ``(m, d)`` matrix of gradients: the NADs are its principal
+axes and the spectrum its singular values. (Local autograd gradients at :math:`x_0` are kept
+as ``method="autograd"``; they give a noisier basis that does not reproduce the published
+NADs.)
+
+Speed: the authors evaluate one network at a time on the batch of all ``2d`` perturbed
+inputs. Here the inputs come in blocks sized so one call's activations stay within
+``memory_budget`` — cache-sized on CPU, where this is what pays off (the big batch spills the
+first layer's activations to memory) — and on GPU the networks of a chunk are stacked
+(``{name: (g, ...)}``) and evaluated together by :func:`torch.func.vmap` over
+:func:`torch.func.functional_call`, many small kernels becoming a few large ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from lightning_probes.functional.nad import SVDMethod, principal_axes
+
+Method = Literal["secant", "autograd"]
+ModelFactory = Callable[[], nn.Module]
+
+
+@dataclass
+class NADResult:
+    """NADs of an architecture (:func:`neural_anisotropy_directions`).
+
+    Attributes:
+        directions: ``(k, *input_shape)`` orthonormal NADs, by decreasing singular value.
+        singular_values: ``(k,)`` the NAD spectrum (singular values of the centred gradients).
+        explained_variance: ``(k,)`` ``singular_values**2 / (num_networks - 1)``.
+        explained_variance_ratio: ``(k,)`` share of the gradients' total variance.
+        eval_point: ``(*input_shape)`` the evaluation point :math:`x_0`.
+        num_networks: Number of random networks ``m``.
+        method: ``"secant"`` or ``"autograd"``.
+    """
+
+    directions: Tensor
+    singular_values: Tensor
+    explained_variance: Tensor
+    explained_variance_ratio: Tensor
+    eval_point: Tensor
+    num_networks: int
+    method: str
+
+
+def neural_anisotropy_directions(
+    model_factory: ModelFactory,
+    input_shape: Sequence[int],
+    *,
+    num_networks: int,
+    method: Method = "secant",
+    step: float = 100.0,
+    eval_point: Tensor | None = None,
+    k: int | None = None,
+    generator: torch.Generator | None = None,
+    svd: SVDMethod = "auto",
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> NADResult:
+    r"""NADs of the architecture that ``model_factory`` builds (Ortiz-Jiménez et al., 2020).
+
+    Computes the ``(m, d)`` gradients with :func:`network_gradients` and their mean-centred
+    PCA with :func:`~lightning_probes.functional.nad.principal_axes`.
+
+    Args:
+        model_factory: ``() -> nn.Module``, a freshly initialised network on each call (its
+            parameters and buffers are copied at once, so it may return the same module
+            re-initialised). Its forward takes ``(batch, *input_shape)``.
+        input_shape: Shape of one input, e.g. ``(1, 32, 32)`` or ``(64,)``.
+        num_networks: Number of random networks ``m`` (the paper: 10,000).
+        method: ``"secant"`` (the authors' central differences) or ``"autograd"``.
+        step: Step :math:`h` of the central differences (the authors': 100).
+        eval_point: :math:`x_0` of shape ``input_shape``; default a standard-normal draw.
+        k: Number of NADs to return (default ``min(m, d)``).
+        generator: Makes the result reproducible: :math:`x_0`, the output projection and the
+            seed of the networks' initialisation are drawn from it, and the factory runs under
+            a forked, re-seeded global RNG, which is restored afterwards. ``None`` draws one
+            seed from the global RNG.
+        svd: PCA solver, see :func:`~lightning_probes.functional.nad.principal_axes`.
+        chunk_size: Networks evaluated together by one vmapped call (default 1 on CPU, where
+            cache-sized input blocks are what pays off, and 128 on GPU).
+        memory_budget: Bytes of activations per call (default 32 MiB on CPU, 1 GiB on GPU).
+        device: Where to evaluate (default: where the factory's networks live).
+        progress: Show a progress bar on stderr.
+
+    Returns:
+        The :class:`NADResult`.
+
+    Raises:
+        ValueError: For invalid arguments (see :func:`network_gradients`) or ``k`` out of range.
+
+    Example:
+        >>> nads = neural_anisotropy_directions(
+        ...     lambda: nn.Linear(4, 1), (4,), num_networks=100,
+        ...     generator=torch.Generator().manual_seed(0))
+        >>> nads.directions.shape, nads.singular_values.shape
+        (torch.Size([4, 4]), torch.Size([4]))
+    """
+    generator = generator if generator is not None else _generator_from_global_rng()
+    grads, x0 = network_gradients(
+        model_factory,
+        input_shape,
+        num_networks=num_networks,
+        method=method,
+        step=step,
+        eval_point=eval_point,
+        generator=generator,
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        device=device,
+        progress=progress,
+    )
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    axes = principal_axes(grads, k, svd=svd, seed=seed)
+    return NADResult(
+        directions=axes.directions.reshape(-1, *x0.shape),
+        singular_values=axes.singular_values,
+        explained_variance=axes.explained_variance,
+        explained_variance_ratio=axes.explained_variance_ratio,
+        eval_point=x0,
+        num_networks=num_networks,
+        method=method,
+    )
+
+
+def network_gradients(
+    model_factory: ModelFactory,
+    input_shape: Sequence[int],
+    *,
+    num_networks: int,
+    method: Method = "secant",
+    step: float = 100.0,
+    eval_point: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor]:
+    r"""Input gradients of ``num_networks`` random networks at one point: the rows NADs come from.
+
+    Network ``j`` is the ``j``-th call of ``model_factory`` after the global RNG was seeded
+    from ``generator``, so the result does not depend on ``chunk_size`` or
+    ``memory_budget``. A network with several outputs is reduced to one scalar by a fixed
+    random unit vector :math:`u` (drawn once from ``generator``): for a last layer
+    :math:`W h + b` with i.i.d. zero-mean entries, :math:`u^\top(Wh + b) = (W^\top u)^\top h +
+    u^\top b` is a single-output head whose weights are zero-mean, uncorrelated and of the same
+    variance (:math:`\lVert u\rVert = 1`) and independent of :math:`h`, so the gradients'
+    covariance :math:`\mathbb E[J_h^\top w w^\top J_h] = \sigma^2\,\mathbb E[J_h^\top J_h]`, and
+    with it the NADs, are those of the architecture with one output (the authors' setting).
+
+    Args:
+        model_factory: ``() -> nn.Module``, see :func:`neural_anisotropy_directions`.
+        input_shape: Shape of one input.
+        num_networks: Number of random networks ``m``.
+        method: ``"secant"`` (central differences) or ``"autograd"``.
+        step: Step of the central differences.
+        eval_point: :math:`x_0` (default: standard normal from ``generator``).
+        generator: Source of :math:`x_0`, :math:`u` and the initialisation seed.
+        chunk_size: Networks evaluated together.
+        memory_budget: Bytes of activations per vmapped call.
+        device: Where to evaluate.
+        progress: Show a progress bar.
+
+    Returns:
+        ``(gradients (m, d), eval_point (*input_shape))``, in the networks' dtype and device.
+
+    Raises:
+        ValueError: If ``num_networks < 2``, ``step <= 0``, ``method`` is unknown or
+            ``eval_point`` does not have ``input_shape``.
+    """
+    shape = tuple(int(s) for s in input_shape)
+    if not isinstance(num_networks, int) or isinstance(num_networks, bool) or num_networks < 2:
+        raise ValueError(f"Expected `num_networks` to be an int >= 2, got {num_networks!r}.")
+    if method not in ("secant", "autograd"):
+        raise ValueError(f"`method` can be 'secant' or 'autograd', got {method!r}.")
+    if not step > 0:
+        raise ValueError(f"Expected `step` to be a positive float, got {step!r}.")
+    if eval_point is not None and tuple(eval_point.shape) != shape:
+        raise ValueError(
+            f"Expected `eval_point` to have `input_shape` {shape}, got {tuple(eval_point.shape)}."
+        )
+    generator = generator if generator is not None else _generator_from_global_rng()
+    x0 = torch.randn(shape, generator=generator) if eval_point is None else eval_point.detach()
+    proj_seed, init_seed = (int(torch.randint(0, 2**62, (1,), generator=generator)) for _ in "ab")
+    rows: list[Tensor] = []
+    with _seeded_global_rng(init_seed), _progress(num_networks, progress) as advance:
+        template = model_factory()
+        pending = [_state(template)]
+        evaluator = _ChunkEvaluator(template, x0, method, step, proj_seed, device)
+        chunk = chunk_size or evaluator.default_chunk_size
+        evaluator.plan(chunk, memory_budget)
+        made = 1
+        while pending:
+            while len(pending) < chunk and made < num_networks:
+                pending.append(_state(model_factory()))
+                made += 1
+            rows.append(evaluator(pending))
+            advance(len(pending))
+            pending = [_state(model_factory())] if made < num_networks else []
+            made += len(pending)
+    return torch.cat(rows), evaluator.x0
+
+
+def fresh_network_factory(model: nn.Module) -> ModelFactory:
+    """A factory of freshly initialised copies of ``model``'s architecture.
+
+    ``model`` is deep-copied once (it is never modified); each call re-initialises the copy by
+    calling ``reset_parameters()`` on every submodule that has one (in ``modules()`` order,
+    drawing from the global RNG, which :func:`network_gradients` seeds and restores) and
+    returns it. Parameters owned by modules without ``reset_parameters`` keep their values in
+    every network (a warning names them).
+
+    Args:
+        model: The network whose architecture to sample (e.g. the model being trained).
+
+    Returns:
+        ``() -> nn.Module`` for :func:`neural_anisotropy_directions` (always the same module,
+        re-initialised; its parameters are copied at each call).
+
+    Raises:
+        ValueError: If no submodule of ``model`` has ``reset_parameters()``.
+    """
+    template = copy.deepcopy(model)
+    resettable = [m for m in template.modules() if callable(getattr(m, "reset_parameters", None))]
+    if not resettable:
+        raise ValueError(
+            f"Expected `{type(model).__name__}` to have submodules with `reset_parameters()` "
+            "to draw random networks from, got none. Pass `model_factory=` instead."
+        )
+    covered = {id(p) for m in resettable for p in m.parameters(recurse=False)}
+    fixed = [name for name, p in template.named_parameters() if id(p) not in covered]
+    if fixed:
+        warnings.warn(
+            f"{len(fixed)} parameters ({', '.join(fixed[:5])}{', ...' if len(fixed) > 5 else ''}) "
+            "belong to modules without `reset_parameters()` and keep their current values in "
+            "every random network. Pass `model_factory=` to re-initialise them too.",
+            stacklevel=2,
+        )
+
+    def factory() -> nn.Module:
+        for module in resettable:
+            module.reset_parameters()  # type: ignore[operator]
+        return template
+
+    return factory
+
+
+def input_gradient_energy(
+    model: nn.Module,
+    inputs: Tensor,
+    directions: Tensor,
+    *,
+    output_fn: Callable[[Any], Tensor] | None = None,
+    chunk_size: int = 256,
+) -> tuple[Tensor, Tensor]:
+    r"""How a (trained) network's input Jacobian distributes over a NAD basis.
+
+    .. math:: e_i = \frac{1}{n}\sum_{n}\sum_{c} \langle u_i, \nabla_x f_c(x_n)\rangle^2
+        = u_i^\top C u_i, \qquad C = \frac{1}{n}\sum_n J_n^\top J_n,
+
+    the input-gradient (uncentred) covariance :math:`C` seen along each NAD :math:`u_i`
+    (uncentred so that a linear model's constant gradient counts). With a complete basis
+    :math:`\sum_i e_i = \operatorname{tr} C`. Costs one backward pass per output.
+
+    Args:
+        model: The network, in the mode to evaluate (``eval()``: samples independent); its
+            parameters and their ``.grad`` are not touched.
+        inputs: ``(n, *input_shape)`` samples.
+        directions: ``(k, *input_shape)`` orthonormal NADs.
+        output_fn: Maps the model output to a ``(n, o)`` tensor (for dict/tuple outputs).
+        chunk_size: Samples per forward/backward pass.
+
+    Returns:
+        ``(energy (k,), total ())`` in float64, ``total`` = :math:`\operatorname{tr} C`.
+    """
+    u = directions.reshape(directions.shape[0], -1).detach()
+    energy = torch.zeros(u.shape[0], dtype=torch.float64, device=u.device)
+    total = torch.zeros((), dtype=torch.float64, device=u.device)
+    n = inputs.shape[0]
+    with torch.enable_grad():
+        for start in range(0, n, chunk_size):
+            x = inputs[start : start + chunk_size].detach().clone().requires_grad_(True)
+            out = model(x)
+            out = output_fn(out) if output_fn is not None else out
+            out = out.reshape(x.shape[0], -1)
+            for c in range(out.shape[1]):
+                (g,) = torch.autograd.grad(out[:, c].sum(), x, retain_graph=c + 1 < out.shape[1])
+                flat = g.reshape(x.shape[0], -1).double()
+                energy += (flat @ u.double().T).square().sum(0)
+                total += flat.square().sum()
+    return energy / n, total / n
+
+
+class _ChunkEvaluator:
+    """Gradients of a chunk of networks at ``x0``: one vmapped call per block of inputs."""
+
+    def __init__(
+        self,
+        template: nn.Module,
+        x0: Tensor,
+        method: Method,
+        step: float,
+        proj_seed: int,
+        device: torch.device | str | None,
+    ) -> None:
+        self.template = template.eval()
+        first = next(iter(template.parameters()), None)
+        self.device = torch.device(device) if device is not None else _device_of(template)
+        dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+        self.template.to(self.device)
+        self.x0 = x0.to(self.device, dtype)
+        self.method, self.step = method, step
+        self.vectorize = True
+        sample_bytes, outputs = _activation_bytes(self.template, self.x0)
+        self.sample_bytes = sample_bytes
+        self.projection: Tensor | None = None
+        if outputs > 1:
+            u = torch.randn(outputs, generator=torch.Generator().manual_seed(proj_seed))
+            self.projection = (u / u.norm()).to(self.device, dtype)
+        cuda = self.device.type == "cuda"
+        # CPU: one network per call on cache-sized blocks of inputs is fastest (vmap turns
+        # later convolutions into grouped ones, slower on CPU); GPU: many networks per call.
+        self.default_chunk_size = 128 if cuda else 1
+        self.default_budget = 2**30 if cuda else 2**25
+        self.block = 1
+
+    def plan(self, chunk_size: int, memory_budget: int | None) -> None:
+        """Choose the number of basis vectors (secant) per call from the memory budget."""
+        budget = memory_budget or self.default_budget
+        d = self.x0.numel()
+        self.block = max(1, min(d, budget // max(1, 2 * chunk_size * self.sample_bytes)))
+
+    def __call__(self, states: list[tuple[dict[str, Tensor], dict[str, Tensor]]]) -> Tensor:
+        params = {k: torch.stack([s[0][k] for s in states]).to(self.device) for k in states[0][0]}
+        buffers = {k: torch.stack([s[1][k] for s in states]).to(self.device) for k in states[0][1]}
+        if self.method == "autograd":
+            x = self.x0.expand(len(states), *self.x0.shape).clone().requires_grad_(True)
+            with torch.enable_grad():
+                y = self._scalar(self._forward(params, buffers, x.unsqueeze(1), batched_x=True))
+                (g,) = torch.autograd.grad(-y.sum(), x)
+            return g.reshape(len(states), -1).detach()
+        d = self.x0.numel()
+        flat = self.x0.reshape(1, d)
+        cols = []
+        with torch.no_grad():
+            for i0 in range(0, d, self.block):
+                idx = torch.arange(i0, min(d, i0 + self.block), device=self.device)
+                b = idx.numel()
+                x = flat.repeat(2 * b, 1)
+                rows = torch.arange(b, device=self.device)
+                x[rows, idx] += self.step
+                x[rows + b, idx] -= self.step
+                y = self._scalar(self._forward(params, buffers, x.reshape(2 * b, *self.x0.shape)))
+                # f = -net:  (f(x0 + h e_i) - f(x0 - h e_i)) / 2h
+                cols.append((y[:, b:] - y[:, :b]) / (2 * self.step))
+        return torch.cat(cols, dim=1)
+
+    def _scalar(self, out: Tensor) -> Tensor:
+        out = out.reshape(out.shape[0], out.shape[1], -1)
+        return out[..., 0] if self.projection is None else out @ self.projection
+
+    def _forward(
+        self,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        x: Tensor,
+        batched_x: bool = False,
+    ) -> Tensor:
+        def call(p: dict[str, Tensor], b: dict[str, Tensor], xx: Tensor) -> Tensor:
+            return _as_tensor(functional_call(self.template, (p, b), (xx,)))
+
+        g = next(iter(params.values())).shape[0]
+        if g > 1 and self.vectorize:
+            try:
+                return vmap(call, in_dims=(0, 0, 0 if batched_x else None))(params, buffers, x)
+            except Exception as err:  # ops without a batching rule: fall back to a loop
+                self.vectorize = False
+                warnings.warn(
+                    f"NADs: evaluating the networks one at a time, since vmap failed "
+                    f"({type(err).__name__}: {err}).",
+                    stacklevel=4,
+                )
+        return torch.stack(
+            [
+                call(
+                    {k: v[j] for k, v in params.items()},
+                    {k: v[j] for k, v in buffers.items()},
+                    x[j] if batched_x else x,
+                )
+                for j in range(g)
+            ]
+        )
+
+
+def _as_tensor(out: Any) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"Expected the network to return a Tensor, got {type(out).__name__}. Wrap it so "
+            "`model_factory()` returns a module with a tensor output."
+        )
+    return out
+
+
+def _state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    model.eval()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    return params, {k: v.detach().clone() for k, v in model.named_buffers()}
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in [*model.parameters(), *model.buffers()]:
+        return t.device
+    return torch.device("cpu")
+
+
+def _activation_bytes(model: nn.Module, x0: Tensor) -> tuple[int, int]:
+    """(bytes of activations for one input, estimated, number of outputs)."""
+    sizes: list[int] = []
+
+    def hook(module: nn.Module, args: Any, out: Any) -> None:
+        if isinstance(out, Tensor):
+            sizes.append(out.numel() * out.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            out = _as_tensor(model(x0.unsqueeze(0)))
+    finally:
+        for h in handles:
+            h.remove()
+    # x3: functional ops (relu, pooling) between modules are not seen by hooks
+    return 3 * (sum(sizes) + x0.numel() * x0.element_size()), out[0].numel()
+
+
+def _generator_from_global_rng() -> torch.Generator:
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+
+
+@contextmanager
+def _seeded_global_rng(seed: int) -> Iterator[None]:
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextmanager
+def _progress(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    if not enabled:
+        yield lambda n: None
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        done = [0]
+
+        def report(n: int) -> None:
+            done[0] += n
+            print(f"NADs: {done[0]}/{total} networks", file=sys.stderr, flush=True)
+
+        yield report
+        return
+    bar = tqdm(total=total, desc="NADs", unit="net", file=sys.stderr)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
