@@ -108,7 +108,7 @@ def main() -> None:
     everything = torch.cat([v.flatten() for v in lca.cumulative_lc.values()])
     k, _ = weibull_fit(everything)
     print(f"Weibull fit of |cumulative LC| over parameters: shape k = {k:.2f} (k < 1: heavy tail;")
-    per_step_k = float(trainer.callback_metrics["probes/lca/weibull_shape"])
+    per_step_k = float(trainer.callback_metrics.get("probes/lca/weibull_shape", float("nan")))
     print(f"  the paper reports k = 0.53); last logged per-step k = {per_step_k:.2f}.")
 
     OUT.mkdir(parents=True, exist_ok=True)

@@ -319,7 +319,7 @@ class LossContributionCallback(ProbeCallback):
         else:
             self._release()
         self._log_step(trainer, pl_module, result.lc, result)
-        if not keep or step % self.artefact_every_n_steps == 0:
+        if not keep or step % self.artefact_every_n_steps == 0 or _last_step(trainer):
             self._log_artefacts(trainer, pl_module, lc)
 
     def _log_step(
@@ -399,3 +399,13 @@ class LossContributionCallback(ProbeCallback):
 
 def _all_equal(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _last_step(trainer: Trainer) -> bool:
+    """Whether fitting stops after this optimizer step (max_steps or the last epoch's end)."""
+    if 0 <= trainer.max_steps <= trainer.global_step:
+        return True
+    max_epochs = trainer.max_epochs
+    return bool(
+        trainer.is_last_batch and max_epochs is not None and trainer.current_epoch + 1 >= max_epochs
+    )
