@@ -1,0 +1,351 @@
+r"""``NADCallback``: the architecture's Neural Anisotropy Directions, and how training uses them.
+
+Ortiz-Jiménez, Modas, Moosavi-Dezfooli, Frossard, "Neural Anisotropy Directions",
+NeurIPS 2020. At the start of fitting the callback computes the NADs of the model's
+architecture from ``num_networks`` random initialisations
+(:func:`~lightning_probes.core.nad.neural_anisotropy_directions`, the authors' procedure) and
+logs the first NADs as images (pixel and Fourier domain) and the spectrum. Then, on its
+schedule, it logs how the probe data's energy and the trained network's input-gradient
+covariance distribute over the NAD basis: a network leaning on the "easy" first NADs puts its
+gradient energy there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from pytorch_lightning import LightningModule, Trainer
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_probes import logging as plog
+from lightning_probes.callbacks.base import ProbeCallback
+from lightning_probes.core.data import ProbeSet
+from lightning_probes.core.isolation import isolated
+from lightning_probes.core.nad import (
+    NADResult,
+    fresh_network_factory,
+    input_gradient_energy,
+    neural_anisotropy_directions,
+)
+from lightning_probes.functional.nad import nad_energy
+
+
+class NADCallback(ProbeCallback):
+    r"""Neural Anisotropy Directions of the architecture and the energy of training over them.
+
+    Ortiz-Jiménez et al., "Neural Anisotropy Directions", NeurIPS 2020.
+
+    Once, at the start of fitting (not again on resume: the basis is in the checkpoint):
+    ``probes/nad/directions`` (image grid of the first NADs), ``probes/nad/directions_fourier``
+    (their centred 2-D DFT magnitude; rows of the 1-D DFT for flat inputs),
+    ``probes/nad/spectrum`` (figure) and the scalar ``probes/nad/spectrum_share_top`` (share of
+    the gradients' variance in the first ``top_k`` NADs). On the schedule, with
+    :math:`e_i` the energy along NAD :math:`u_i` (data:
+    :math:`\frac1n\sum_n\langle u_i,x_n\rangle^2`; gradients:
+    :math:`\frac1n\sum_{n,c}\langle u_i,\nabla_x f_c(x_n)\rangle^2`, the uncentred
+    input-gradient covariance along :math:`u_i`):
+
+    - ``probes/nad/{data,grad}_energy_share_top``: :math:`\sum_{i<\text{top\_k}} e_i` over the
+      total energy;
+    - ``probes/nad/{data,grad}_energy_centroid``: energy-weighted mean NAD index over
+      ``k - 1`` (0: all on the first NAD, 1: all on the last);
+    - histograms ``probes/nad/{data,grad}_energy`` (NAD index weighted by energy share) and the
+      figure ``probes/nad/energy``.
+
+    Cost at fit start: ``num_networks`` forward passes over the ``2 d`` perturbed inputs
+    (``d`` = input size), plus an SVD. The default ``num_networks=256`` takes about a second
+    for a 64-input MLP on CPU; the paper uses 10,000 (pass ``num_networks=10_000`` on GPU for
+    publication-quality NADs of large inputs).
+
+    Args:
+        model_factory: ``() -> nn.Module`` building a freshly initialised network of the
+            architecture with one output (or several: they are projected on a fixed random
+            unit vector). Default: a deep copy of the trained model re-initialised by every
+            submodule's ``reset_parameters()`` (the model itself is not touched).
+        num_networks: Random networks ``m`` for the NADs (paper: 10,000).
+        k: NADs to keep (default all ``min(m, d)``).
+        input_shape: Shape of one input; default: that of the probe set's samples.
+        method: ``"secant"`` (the authors' central differences) or ``"autograd"``.
+        step: Step of the central differences (the authors': 100).
+        top_k: NADs counted by the ``*_share_top`` scalars (default ``ceil(k / 10)``).
+        num_images: NADs shown in the image grids.
+        output_fn: Maps the model output to logits ``(n, o)`` for the gradient energy.
+        memory_budget: Bytes of activations per call while computing the NADs.
+        **kwargs: Schedule, probe data and the rest of
+            :class:`~lightning_probes.callbacks.base.ProbeCallback` (``seed`` also seeds the
+            NADs).
+
+    Raises:
+        ValueError: For invalid arguments.
+        TypeError: If ``model_factory`` is not callable.
+
+    Example:
+        >>> cb = NADCallback(num_networks=256, every_n_steps=100)
+        >>> cb.state_key.startswith("NADCallback")
+        True
+    """
+
+    probe_name = "nad"
+    needs_grad = True
+    needs_targets = False
+    default_schedule: ClassVar[dict[str, Any]] = {"every_n_steps": 100}
+
+    def __init__(
+        self,
+        model_factory: Callable[[], nn.Module] | None = None,
+        *,
+        num_networks: int = 256,
+        k: int | None = None,
+        input_shape: Sequence[int] | None = None,
+        method: str = "secant",
+        step: float = 100.0,
+        top_k: int | None = None,
+        num_images: int = 16,
+        output_fn: Callable[[Any], Tensor] | None = None,
+        memory_budget: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if model_factory is not None and not callable(model_factory):
+            raise TypeError(
+                "Expected `model_factory` to be a callable () -> nn.Module, got "
+                f"{type(model_factory).__name__}."
+            )
+        if not _positive_int(num_networks) or num_networks < 2:
+            raise ValueError(f"Expected `num_networks` to be an int >= 2, got {num_networks!r}.")
+        for name, value in (("k", k), ("top_k", top_k)):
+            if value is not None and not _positive_int(value):
+                raise ValueError(f"Expected `{name}` to be a positive int or None, got {value!r}.")
+        if method not in ("secant", "autograd"):
+            raise ValueError(f"`method` can be 'secant' or 'autograd', got {method!r}.")
+        if not step > 0:
+            raise ValueError(f"Expected `step` to be a positive float, got {step!r}.")
+        if not isinstance(num_images, int) or num_images < 0:
+            raise ValueError(f"Expected `num_images` to be an int >= 0, got {num_images!r}.")
+        if input_shape is not None and not all(_positive_int(s) for s in input_shape):
+            raise ValueError(
+                f"Expected `input_shape` to be a sequence of positive ints, got {input_shape!r}."
+            )
+        self.model_factory = model_factory
+        self.num_networks = num_networks
+        self.k = k
+        self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
+        self.method = method
+        self.step = float(step)
+        self.top_k = top_k
+        self.num_images = num_images
+        self.output_fn = output_fn
+        self.memory_budget = memory_budget
+        self._nads: NADResult | None = None
+        self._basis: Tensor | None = None
+
+    @property
+    def nads(self) -> NADResult | None:
+        """The architecture's NADs (``None`` before fitting starts)."""
+        return self._nads
+
+    @override
+    def _state_key_config(self) -> dict[str, Any]:
+        return {
+            **super()._state_key_config(),
+            "num_networks": self.num_networks,
+            "method": self.method,
+            "k": self.k,
+        }
+
+    # ------------------------------------------------------------------ fit start
+    @override
+    def on_probe_set_ready(
+        self, trainer: Trainer, pl_module: LightningModule, data: ProbeSet
+    ) -> None:
+        if not isinstance(data.inputs, Tensor):
+            raise TypeError(
+                "NADCallback needs probe inputs that are one Tensor (n, *input_shape), got "
+                f"{type(data.inputs).__name__}. Pass `probe_data=` or `batch_to_inputs_targets=`."
+            )
+        shape = tuple(data.inputs.shape[1:])
+        if self.input_shape is not None and self.input_shape != shape:
+            raise ValueError(
+                f"Expected probe inputs of `input_shape` {self.input_shape}, got samples of "
+                f"shape {shape}."
+            )
+        if self._nads is not None:  # resumed: the basis came with the checkpoint
+            if tuple(self._nads.directions.shape[1:]) != shape:
+                saved = tuple(self._nads.directions.shape[1:])
+                raise ValueError(
+                    f"Expected the checkpointed NADs' shape {saved} to match the probe inputs' "
+                    f"shape {shape}."
+                )
+        else:
+            # isolated: whatever the factory does, the model, its grads and every RNG stream
+            # (training's dropout and shuffling) are as before
+            with isolated(pl_module, grad=True):
+                factory = self.model_factory or fresh_network_factory(pl_module)
+                nads = neural_anisotropy_directions(
+                    factory,
+                    shape,
+                    num_networks=self.num_networks,
+                    method=self.method,  # type: ignore[arg-type]
+                    step=self.step,
+                    k=None if self.k is None else min(self.k, self.num_networks, math.prod(shape)),
+                    generator=torch.Generator().manual_seed(self.seed),
+                    memory_budget=self.memory_budget,
+                    device=pl_module.device,
+                )
+            self._nads = _to_cpu(nads)
+            self._log_basis(trainer, pl_module)
+        self._basis = None
+
+    def _top(self) -> int:
+        assert self._nads is not None
+        k = self._nads.directions.shape[0]
+        return min(k, self.top_k or max(1, math.ceil(k / 10)))
+
+    def _log_basis(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert self._nads is not None
+        nads = self._nads
+        share = float(nads.explained_variance_ratio[: self._top()].sum())
+        plog.log_scalars(trainer, pl_module, {self.key("spectrum_share_top"): share}, on_step=None)
+        plog.log_histogram(trainer, self.key("singular_values"), nads.singular_values)
+        if self.num_images:
+            first = nads.directions[: self.num_images].float()
+            pixel, fourier = _nad_images(first)
+            plog.log_image(trainer, self.key("directions"), pixel)
+            plog.log_image(trainer, self.key("directions_fourier"), fourier)
+        if self.figures_enabled():
+            fig = plog.new_figure()
+            ax = fig.add_subplot(1, 1, 1)
+            ax.semilogy(plog.as_numpy(nads.singular_values), marker=".", lw=1)
+            ax.set(xlabel="NAD index", ylabel="singular value", title="NAD spectrum")
+            plog.log_figure(trainer, self.key("spectrum"), fig)
+
+    # ------------------------------------------------------------------ scheduled
+    @override
+    def probe(self, trainer: Trainer, pl_module: LightningModule, data: ProbeSet) -> None:
+        if self._nads is None:
+            return
+        x = data.inputs
+        if self._basis is None or self._basis.device != x.device:
+            self._basis = self._nads.directions.to(x.device)
+        data_e, data_total = nad_energy(x, self._basis)
+        grad_e, grad_total = input_gradient_energy(
+            pl_module, x.to(_dtype_of(pl_module)), self._basis, output_fn=self.output_fn
+        )
+        top = self._top()
+        metrics: dict[str, float] = {}
+        for name, e, total in (("data", data_e, data_total), ("grad", grad_e, grad_total)):
+            metrics[self.key(f"{name}_energy_share_top")] = float(e[:top].sum() / total)
+            metrics[self.key(f"{name}_energy_centroid")] = _centroid(e)
+            _log_index_histogram(trainer, self.key(f"{name}_energy"), e / total)
+        self.log_scalars(trainer, pl_module, metrics)
+        if self.figures_enabled():
+            fig = plog.new_figure()
+            ax = fig.add_subplot(1, 1, 1)
+            ax.semilogy(plog.as_numpy(data_e / data_total), label="probe data", lw=1)
+            ax.semilogy(plog.as_numpy(grad_e / grad_total), label="input gradients", lw=1)
+            ax.set(xlabel="NAD index", ylabel="share of energy", title="Energy over NADs")
+            ax.legend()
+            plog.log_figure(trainer, self.key("energy"), fig)
+
+    # ------------------------------------------------------------------ state
+    @override
+    def extra_state(self) -> dict[str, Any]:
+        if self._nads is None:
+            return {}
+        n = self._nads
+        return {
+            "directions": n.directions,
+            "singular_values": n.singular_values,
+            "explained_variance": n.explained_variance,
+            "explained_variance_ratio": n.explained_variance_ratio,
+            "eval_point": n.eval_point,
+            "num_networks": n.num_networks,
+            "method": n.method,
+        }
+
+    @override
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        if "directions" in state:
+            self._nads = NADResult(
+                directions=state["directions"],
+                singular_values=state["singular_values"],
+                explained_variance=state["explained_variance"],
+                explained_variance_ratio=state["explained_variance_ratio"],
+                eval_point=state["eval_point"],
+                num_networks=int(state["num_networks"]),
+                method=str(state["method"]),
+            )
+            self._basis = None
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _to_cpu(nads: NADResult) -> NADResult:
+    return NADResult(
+        directions=nads.directions.detach().cpu(),
+        singular_values=nads.singular_values.detach().cpu(),
+        explained_variance=nads.explained_variance.detach().cpu(),
+        explained_variance_ratio=nads.explained_variance_ratio.detach().cpu(),
+        eval_point=nads.eval_point.detach().cpu(),
+        num_networks=nads.num_networks,
+        method=nads.method,
+    )
+
+
+def _centroid(energy: Tensor) -> float:
+    k = energy.numel()
+    total = float(energy.sum())
+    if k < 2 or total == 0.0:
+        return 0.0
+    index = torch.arange(k, dtype=energy.dtype, device=energy.device)
+    return float((index * energy).sum() / total / (k - 1))
+
+
+def _nad_images(directions: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Pixel and Fourier-magnitude images of ``(n, *input_shape)`` NADs, each ``[C, H, W]``.
+
+    ``(C, H, W)`` / ``(H, W)`` inputs: grids of images (Fourier: :math:`|\mathrm{fftshift}
+    (\mathrm{fft2}(u))|` averaged over channels, DC in the centre); other shapes: one image
+    whose rows are the flattened NADs (Fourier: :math:`|\mathrm{fft}(u)|`, DC at the left).
+    """
+    n = directions.shape[0]
+    shape = directions.shape[1:]
+    if len(shape) == 2 or (len(shape) == 3 and shape[0] in (1, 3)):
+        images = directions.reshape(n, -1, *shape[-2:])
+        spectrum = torch.fft.fftshift(torch.fft.fft2(images), dim=(-2, -1)).abs().mean(1, True)
+        return plog.image_grid(images), plog.image_grid(spectrum)
+    flat = directions.reshape(n, -1)
+    return flat[None], torch.fft.fft(flat).abs()[None]
+
+
+def _log_index_histogram(trainer: Trainer, key: str, weights: Tensor) -> None:
+    """A TensorBoard histogram over NAD indices, bucket ``i`` holding ``weights[i]``."""
+    if not trainer.is_global_zero:
+        return
+    w = weights.detach().double().cpu()
+    index = torch.arange(w.numel(), dtype=torch.float64)
+    for writer in plog.tensorboard_writers(trainer):
+        writer.add_histogram_raw(
+            key,
+            min=0.0,
+            max=float(w.numel() - 1),
+            num=float(w.sum()),
+            sum=float((index * w).sum()),
+            sum_squares=float((index.square() * w).sum()),
+            bucket_limits=(index + 0.5).tolist(),
+            bucket_counts=w.tolist(),
+            global_step=trainer.global_step,
+        )
