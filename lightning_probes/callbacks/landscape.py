@@ -246,7 +246,9 @@ class LandscapeCallback(ProbeCallback):
 
     def _geometry(self, theta: Mapping[str, Tensor]) -> dict[str, float | Tensor]:
         assert self._init is not None
-        init = {k: v.to(theta[k].device) for k, v in self._init.items() if k in theta}
+        # restored from a checkpoint on the CPU: move once, keep it on the model's device
+        self._init = {k: v.to(theta[k].device) if k in theta else v for k, v in self._init.items()}
+        init = self._init
         out: dict[str, float | Tensor] = {}
         groups: list[tuple[str | None, list[str]]] = [(None, list(theta))]
         groups += [(layer, names) for layer, names in self._layer_params.items()]

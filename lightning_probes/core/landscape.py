@@ -119,9 +119,9 @@ def combine(
     """
     out = {}
     for k, c in center.items():
-        dirs = torch.stack([d[k] for d in directions])  # [K, *shape]
-        co = coefs.to(c.device, c.dtype)
-        out[k] = c.unsqueeze(0) + torch.einsum("mk,k...->m...", co, dirs)
+        dirs = torch.stack([d[k].reshape(-1) for d in directions])  # [K, P]
+        co = coefs.to(c.device, c.dtype)  # [m, K]
+        out[k] = torch.addmm(c.reshape(1, -1), co, dirs).reshape(len(co), *c.shape)
     return out
 
 
