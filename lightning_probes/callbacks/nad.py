@@ -67,7 +67,7 @@ class NADCallback(ProbeCallback):
             unit vector). Default: a deep copy of the trained model re-initialised by every
             submodule's ``reset_parameters()`` (the model itself is not touched).
         num_networks: Random networks ``m`` for the NADs (paper: 10,000).
-        k: NADs to keep (default all ``min(m, d)``).
+        k: NADs to keep (default all ``min(m - 1, d)``).
         input_shape: Shape of one input; default: that of the probe set's samples.
         method: ``"secant"`` (the authors' central differences) or ``"autograd"``.
         step: Step of the central differences (the authors': 100).
@@ -191,7 +191,9 @@ class NADCallback(ProbeCallback):
                     num_networks=self.num_networks,
                     method=self.method,  # type: ignore[arg-type]
                     step=self.step,
-                    k=None if self.k is None else min(self.k, self.num_networks, math.prod(shape)),
+                    k=None
+                    if self.k is None
+                    else min(self.k, self.num_networks - 1, math.prod(shape)),
                     generator=torch.Generator().manual_seed(self.seed),
                     memory_budget=self.memory_budget,
                     device=pl_module.device,

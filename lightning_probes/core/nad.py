@@ -94,7 +94,8 @@ def neural_anisotropy_directions(
         method: ``"secant"`` (the authors' central differences) or ``"autograd"``.
         step: Step :math:`h` of the central differences (the authors': 100).
         eval_point: :math:`x_0` of shape ``input_shape``; default a standard-normal draw.
-        k: Number of NADs to return (default ``min(m, d)``).
+        k: Number of NADs to return (default ``min(m - 1, d)``: mean-centring leaves rank
+            ``m - 1``, so with ``m <= d`` a further axis would be arbitrary).
         generator: Makes the result reproducible: :math:`x_0`, the output projection and the
             seed of the networks' initialisation are drawn from it, and the factory runs under
             a forked, re-seeded global RNG, which is restored afterwards. ``None`` draws one
@@ -134,6 +135,8 @@ def neural_anisotropy_directions(
         progress=progress,
     )
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    # centring leaves rank m - 1: with m <= d the m-th axis would be arbitrary
+    k = min(grads.shape[0] - 1, grads.shape[1]) if k is None else k
     axes = principal_axes(grads, k, svd=svd, seed=seed)
     return NADResult(
         directions=axes.directions.reshape(-1, *x0.shape),
@@ -339,7 +342,8 @@ class _ChunkEvaluator:
         self.sample_bytes = sample_bytes
         self.projection: Tensor | None = None
         if outputs > 1:
-            u = torch.randn(outputs, generator=torch.Generator().manual_seed(proj_seed))
+            gen = torch.Generator().manual_seed(proj_seed)
+            u = torch.randn(outputs, generator=gen, dtype=torch.float64)
             self.projection = (u / u.norm()).to(self.device, dtype)
         cuda = self.device.type == "cuda"
         # CPU: one network per call on cache-sized blocks of inputs is fastest (vmap turns
