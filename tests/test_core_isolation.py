@@ -61,3 +61,19 @@ def test_autocast_is_off_inside():
     net = _net()
     with torch.autocast("cpu", dtype=torch.bfloat16), isolated(net):
         assert net[0](torch.randn(2, 3)).dtype == torch.float32
+
+
+def test_compiled_submodules_run_eager_inside_and_hooks_fire():
+    from lightning_probes.core.hooks import capture
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    outer = nn.Sequential(torch.compile(net, backend="eager"))
+    x = torch.randn(5, 3)
+    expected = net(x)
+    outer(x)  # compile once, so the cached graph exists
+    compiled_forward = outer[0].forward
+    with isolated(outer), capture({"relu": net[1]}) as rec:
+        out = outer(x)
+    assert rec["relu"].calls == 1 and torch.equal(rec["relu"].output, torch.relu(net[0](x)))
+    assert torch.allclose(out, expected)
+    assert outer[0].forward is compiled_forward

@@ -66,6 +66,7 @@ class ProbeCallback(Callback):
     probe_name: ClassVar[str] = "probe"
     needs_grad: ClassVar[bool] = False
     needs_targets: ClassVar[bool] = False
+    needs_class_targets: ClassVar[bool] = False
     default_schedule: ClassVar[dict[str, Any]] = {"every_n_steps": 50}
 
     def __init__(
@@ -156,6 +157,14 @@ class ProbeCallback(Callback):
             raise ValueError(
                 f"{type(self).__name__} needs targets, but the probe batches have none. Pass "
                 "`probe_data=(inputs, targets)` or `batch_to_inputs_targets=`."
+            )
+        targets = self._probe_set.targets
+        if self.needs_class_targets and targets is not None and torch.is_floating_point(targets):
+            raise ValueError(
+                f"{type(self).__name__} needs class labels (integer targets of shape [n]), but "
+                f"the probe targets are {targets.dtype} of shape {tuple(targets.shape)}. It "
+                "measures accuracy or class-conditional statistics and does not apply to "
+                "regression; pass integer labels via `probe_data=` or `batch_to_inputs_targets=`."
             )
         self.on_probe_set_ready(trainer, pl_module, self._probe_set)
 

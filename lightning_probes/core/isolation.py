@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,8 +41,9 @@ def isolated(model: nn.Module, *, grad: bool = True, eval_mode: bool = True) -> 
 
     Yields:
         Nothing. Inside the scope ``.grad`` of every parameter is ``None`` (a probe calling
-        ``backward`` does not accumulate into the training gradients) and autocast is off, so
-        probes compute in the parameters' dtype.
+        ``backward`` does not accumulate into the training gradients), autocast is off, so
+        probes compute in the parameters' dtype, and every ``torch.compile``-d submodule runs
+        its original eager module (so the probe's hooks fire and no recompilation is triggered).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
@@ -59,6 +61,7 @@ def isolated(model: nn.Module, *, grad: bool = True, eval_mode: bool = True) -> 
     hook_keys = [
         (m, {name: set(getattr(m, name, {})) for name in _HOOK_DICTS}) for m in model.modules()
     ]
+    compiled = _eager_compiled_submodules(model)
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     np_rng = np.random.get_state()
@@ -75,6 +78,8 @@ def isolated(model: nn.Module, *, grad: bool = True, eval_mode: bool = True) -> 
                     stack.enter_context(torch.autocast(device_type, enabled=False))
             yield
     finally:
+        for m, forward in compiled:
+            m.forward = forward
         for m, mode in modes:
             m.training = mode
         for p, req, g in zip(params, requires, grads):
@@ -96,3 +101,29 @@ def isolated(model: nn.Module, *, grad: bool = True, eval_mode: bool = True) -> 
             torch.cuda.set_rng_state_all(cuda_rng)
         np.random.set_state(np_rng)
         random.setstate(py_rng)
+
+
+def _eager_compiled_submodules(model: nn.Module) -> list[tuple[nn.Module, Any]]:
+    """Point each ``torch.compile``-d forward in ``model`` at the eager one; return the undo.
+
+    ``OptimizedModule.forward`` is an instance attribute wrapping ``_orig_mod.__call__`` in
+    dynamo; hooks a probe registers on modules inside would not fire in the cached graph.
+    Duck-typed so that importing this module does not import dynamo.
+    """
+    undo = []
+    for m in model.modules():
+        if "forward" not in m.__dict__:
+            continue
+        eager: Any = None
+        original = getattr(m, "_orig_mod", None)
+        if type(m).__name__ == "OptimizedModule" and isinstance(original, nn.Module):
+            eager = original.__call__
+        # Lightning's `from_compiled` (trainer.fit(torch.compile(module))) wraps the module's
+        # own forward in dynamo and keeps the original here.
+        ctx = getattr(m, "_compiler_ctx", None)
+        if isinstance(ctx, dict) and callable(ctx.get("original_forward")):
+            eager = ctx["original_forward"]
+        if eager is not None:
+            undo.append((m, m.__dict__["forward"]))
+            m.forward = eager  # type: ignore[method-assign]
+    return undo
