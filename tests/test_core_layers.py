@@ -57,3 +57,20 @@ def test_bad_argument_types():
         select_layers(Net(), include=[3])
     with pytest.raises(TypeError, match="Expected `types` to be nn.Module subclasses"):
         select_layers(Net(), types=[int])
+
+
+def test_check_layer_spec():
+    from lightning_probes.core.layers import check_layer_spec
+
+    check_layer_spec(None)
+    check_layer_spec("net.*")
+    check_layer_spec(["a", "b"])
+    with pytest.raises(
+        ValueError, match="Expected `layers` to name at least one layer, got an empty list"
+    ):
+        check_layer_spec([])
+    with pytest.raises(
+        TypeError,
+        match=r"Expected `layers` to be None, a layer name/glob or a list of them, got \[1\]",
+    ):
+        check_layer_spec([1])

@@ -20,6 +20,31 @@ def owns_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False))
 
 
+def check_layer_spec(layers: object, arg: str = "layers") -> None:
+    """Validate a user's layer selection at construction time (before a model exists).
+
+    Args:
+        layers: ``None`` (the probe's default selection), a name/glob, or a non-empty sequence
+            of names/globs.
+        arg: The argument's name, for the message.
+
+    Raises:
+        ValueError: For an empty selection (a probe with nothing to look at).
+        TypeError: For anything that is not a string or a sequence of strings.
+    """
+    if layers is None or isinstance(layers, str):
+        return
+    if not isinstance(layers, Sequence) or not all(isinstance(n, str) for n in layers):
+        raise TypeError(
+            f"Expected `{arg}` to be None, a layer name/glob or a list of them, got {layers!r}."
+        )
+    if len(layers) == 0:
+        raise ValueError(
+            f"Expected `{arg}` to name at least one layer, got an empty list. Pass "
+            f"`{arg}=None` for the probe's default selection."
+        )
+
+
 def select_layers(
     model: nn.Module,
     include: str | Sequence[str] | None = None,
