@@ -298,3 +298,58 @@ def test_invalid_arguments(kwargs, match):
 def test_unknown_layer_lists_available(tmp_path):
     with pytest.raises(ValueError, match=r"Layer 'net.9' not found .* net.0 \(Linear\)"):
         fit(tmp_path, [LandscapeCallback(layers="net.9")], max_steps=1)
+
+
+def test_radial_plane_image_passes_through_current_weights_and_origin(tmp_path, monkeypatch):
+    from lightning_probes import logging as plog
+
+    images: dict[str, torch.Tensor] = {}
+    monkeypatch.setattr(plog, "log_image", lambda trainer, key, img: images.setdefault(key, img))
+    rec = WeightRecorder()
+    probe = LandscapeCallback(at_steps=[4], plane_resolution=5, probe_size=32, on_error="raise")
+    trainer, module = fit(tmp_path, [rec, probe], max_steps=4)
+    radial = images[KEY + "plane_radial"]  # log-loss, [b, a] with b increasing upwards
+    assert radial.shape == (5, 5) and images[KEY + "plane_random"].shape == (5, 5)
+    x, y = probe.probe_set.inputs, probe.probe_set.targets  # type: ignore[union-attr]
+    here = eval_loss(module, rec.after[4], x, y)
+    # grid [-1, -0.5, 0, 0.5, 1]: centre pixel = current weights, (a=-1, b=0) = the origin,
+    # where every logit is 0 and the cross-entropy is ln(3) for 3 classes
+    assert float(radial[2, 2]) == pytest.approx(math.log(here), rel=1e-5)
+    assert float(radial[2, 0]) == pytest.approx(math.log(math.log(3)), rel=1e-5)
+    twice = {k: 2 * v for k, v in rec.after[4].items()}  # a = +1, b = 0: 2θ
+    assert float(radial[2, 4]) == pytest.approx(math.log(eval_loss(module, twice, x, y)), rel=1e-5)
+    assert float(images[KEY + "plane_random"][2, 2]) == pytest.approx(math.log(here), rel=1e-5)
+
+
+def test_per_layer_drift_and_update_cosine(tmp_path):
+    rec = WeightRecorder()
+    probe = LandscapeCallback(every_n_steps=3, plane_every_n_runs=0, probe_size=16)
+    trainer, module = fit(tmp_path, [rec, probe])
+    logger = trainer.logger
+    prefix = "net.0"
+    pl.seed_everything(0, verbose=False)  # as in fit(): the same initial weights
+    init = WeightRecorder.flat(TinyClassifier(), prefix + ".")
+    for i, step in enumerate([3, 6]):
+        now = np.concatenate(
+            [rec.after[step][f"{prefix}.{p}"].double().numpy().ravel() for p in ("weight", "bias")]
+        )
+        values = {
+            q: logger.values_of(f"{KEY}{prefix}/{q}")[i]  # type: ignore[union-attr]
+            for q in ("distance_from_init", "angle_from_init", "update_radial_cosine")
+        }
+        assert values["distance_from_init"] == pytest.approx(np.linalg.norm(now - init), rel=1e-5)
+        want = math.degrees(math.acos(np.clip(cos(now, init), -1, 1)))
+        assert values["angle_from_init"] == pytest.approx(want, rel=1e-4, abs=1e-4)
+        before = {
+            n: v for n, v in zip([n for n, _ in module.named_parameters()], _split(rec, step))
+        }
+        prev = np.concatenate([before[f"{prefix}.{p}"].ravel() for p in ("weight", "bias")])
+        assert values["update_radial_cosine"] == pytest.approx(cos(now - prev, prev), abs=1e-5)
+
+
+def _split(rec: WeightRecorder, step: int) -> list[np.ndarray]:
+    """The recorded flat pre-step vector, split back into parameter-shaped arrays."""
+    shapes = [v.shape for v in rec.after[step].values()]
+    sizes = [int(np.prod(s)) for s in shapes]
+    parts = np.split(rec.before[step], np.cumsum(sizes)[:-1])
+    return [p.reshape(s) for p, s in zip(parts, shapes)]
