@@ -95,7 +95,10 @@ def test_logged_geometry_matches_recorded_weights(tmp_path):
         want_angle = math.degrees(math.acos(np.clip(cos(now, rec.init), -1, 1)))
         assert got["angle_from_init"] == pytest.approx(want_angle, rel=1e-4, abs=1e-4)
         assert got["init_radial_cosine"] == pytest.approx(cos(now - rec.init, rec.init), abs=1e-5)
-        before = rec.before[step]
+        # the weights before the probed step's optimizer step = after the previous step
+        # (independent of the hook the probe uses); the hook-recorded copy agrees
+        before = np.concatenate([p.double().numpy().ravel() for p in rec.after[step - 1].values()])
+        np.testing.assert_array_equal(before, rec.before[step])
         assert got["update_radial_cosine"] == pytest.approx(cos(now - before, before), abs=1e-5)
         assert got["loss"] == pytest.approx(
             eval_loss(module, rec.after[step], data.inputs, data.targets), rel=1e-5
@@ -340,16 +343,10 @@ def test_per_layer_drift_and_update_cosine(tmp_path):
         assert values["distance_from_init"] == pytest.approx(np.linalg.norm(now - init), rel=1e-5)
         want = math.degrees(math.acos(np.clip(cos(now, init), -1, 1)))
         assert values["angle_from_init"] == pytest.approx(want, rel=1e-4, abs=1e-4)
-        before = {
-            n: v for n, v in zip([n for n, _ in module.named_parameters()], _split(rec, step))
-        }
-        prev = np.concatenate([before[f"{prefix}.{p}"].ravel() for p in ("weight", "bias")])
+        prev = np.concatenate(
+            [
+                rec.after[step - 1][f"{prefix}.{p}"].double().numpy().ravel()
+                for p in ("weight", "bias")
+            ]
+        )
         assert values["update_radial_cosine"] == pytest.approx(cos(now - prev, prev), abs=1e-5)
-
-
-def _split(rec: WeightRecorder, step: int) -> list[np.ndarray]:
-    """The recorded flat pre-step vector, split back into parameter-shaped arrays."""
-    shapes = [v.shape for v in rec.after[step].values()]
-    sizes = [int(np.prod(s)) for s in shapes]
-    parts = np.split(rec.before[step], np.cumsum(sizes)[:-1])
-    return [p.reshape(s) for p, s in zip(parts, shapes)]

@@ -82,10 +82,16 @@ class LandscapeCallback(ProbeCallback):
       (loss above the chord) and ``segment_midpoint_loss_lag<j>`` (the loss of the average
       of the two weight sets, what SWA would give), ``j = 1`` the most recent, plus a figure.
 
+    Memory: one copy of the weights for :math:`\theta_0` (also written to checkpoints), one
+    transient copy at each probed step for the update cosine, and ``keep_checkpoints`` copies
+    (also written to checkpoints).
+
     Args:
         layers: Layer names/globs for the per-layer values (default: every module owning
             parameters).
-        plane_every_n_runs: Draw the planes at every n-th run (``0``: never).
+        plane_every_n_runs: Draw the planes at runs ``0, n, 2n, ...`` (the first run
+            included; ``0``: never). Each plane costs ``plane_resolution**2`` probe-set
+            losses (batched, see :func:`~lightning_probes.core.landscape.batched_probe_loss`).
         plane_resolution: Grid points per axis.
         plane_span: Half-width of the grid, in units of the directions.
         planes: Which planes to draw.
