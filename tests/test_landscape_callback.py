@@ -286,6 +286,10 @@ def test_epoch_schedule_logs_geometry_without_update_cosine(tmp_path):
         ({"planes": ("radial", "pca")}, "`planes` can contain 'radial' and 'random', got"),
         ({"one_dim": "keep"}, "`one_dim` can be 'zero', 'weights' or 'norm', got 'keep'"),
         ({"hessian_top_k": 0}, "Expected `hessian_top_k` to be None or an int >= 1, got 0"),
+        (
+            {"hessian_top_k": 5, "hessian_iters": 3},
+            "Expected `hessian_iters` to be None or an int >= `hessian_top_k`, got 3",
+        ),
         ({"hessian_threshold_mode": "abs"}, "`hessian_threshold_mode` can be 'relative' or"),
         ({"keep_checkpoints": -1}, "Expected `keep_checkpoints` to be an int >= 0, got -1"),
         ({"plane_every_n_runs": 1.5}, "Expected `plane_every_n_runs` to be an int >= 0, got 1.5"),

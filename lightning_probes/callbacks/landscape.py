@@ -159,6 +159,13 @@ class LandscapeCallback(ProbeCallback):
             raise ValueError(
                 f"Expected `hessian_top_k` to be None or an int >= 1, got {hessian_top_k!r}."
             )
+        if hessian_iters is not None and (
+            not isinstance(hessian_iters, int) or hessian_iters < (hessian_top_k or 1)
+        ):
+            raise ValueError(
+                f"Expected `hessian_iters` to be None or an int >= `hessian_top_k`, got "
+                f"{hessian_iters!r}."
+            )
         if hessian_threshold_mode not in ("relative", "absolute"):
             raise ValueError(
                 "`hessian_threshold_mode` can be 'relative' or 'absolute', got "
