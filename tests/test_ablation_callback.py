@@ -151,6 +151,7 @@ def test_tensorboard_gets_the_curve_figures(tmp_path):
         ({"value": "max"}, "`value` can be 'zero' or 'mean', got 'max'"),
         ({"monitor": "loss"}, "`monitor` can be auc, auc_normalized, got 'loss'"),
         ({"min_delta": -1}, "Expected `min_delta` to be a number >= 0, got -1"),
+        ({"layers": []}, "Expected `layers` to name at least one layer, got an empty list"),
     ],
 )
 def test_invalid_arguments(kwargs, match):

@@ -86,6 +86,7 @@ def test_tensorboard_histograms_and_scatter(tmp_path):
         ({"threshold": 2.0}, "Expected `threshold` to be in \\[0, 1\\], got 2.0"),
         ({"num_bins": 1}, "Expected `num_bins` to be an int >= 2, got 1"),
         ({"value": "one"}, "`value` can be 'zero' or 'mean', got 'one'"),
+        ({"layers": []}, "Expected `layers` to name at least one layer, got an empty list"),
     ],
 )
 def test_invalid_arguments(kwargs, match):

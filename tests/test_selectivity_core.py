@@ -148,3 +148,31 @@ def test_unit_ablation_impact_matches_a_loop(value):
                     b[:, j] = 0.0 if value == "zero" else full[:, j].mean()
                 expected.append(nn.functional.cross_entropy(net[4](b), y).item() - base)
         assert np.allclose(impact[name].numpy(), expected, atol=1e-10), name
+
+
+class DictNet(nn.Module):
+    """Wraps a classifier so that it returns ``{"logits": ..., "features": ...}``."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return {"logits": self.net(x), "features": x}
+
+
+def test_dict_output_needs_output_fn_and_then_matches_the_plain_model():
+    net = hand_net()
+    wrapped = DictNet(net).eval()
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 2])
+    x = nn.functional.one_hot(y, 3).double() + 0.1
+    kw = {"layers": "net.0", "num_classes": 3}
+    with pytest.raises(TypeError, match="output_fn"):
+        class_selectivity(wrapped, x, y, **kw)
+    fn = lambda out: out["logits"]  # noqa: E731
+    si = class_selectivity(wrapped, x, y, output_fn=fn, **kw)["net.0"]
+    assert torch.equal(si, class_selectivity(net, x, y, layers="0", num_classes=3)["0"])
+    mi = unit_mutual_information(wrapped, x, y, output_fn=fn, **kw)["net.0"]
+    assert torch.equal(mi, unit_mutual_information(net, x, y, layers="0", num_classes=3)["0"])
+    impact = unit_ablation_impact(wrapped, x, y, layers="net.0", output_fn=fn)["net.0"]
+    assert torch.equal(impact, unit_ablation_impact(net, x, y, layers="0")["0"])

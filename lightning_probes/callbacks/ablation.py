@@ -29,7 +29,7 @@ from lightning_probes.core.ablation import (
 )
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import OutputFn
-from lightning_probes.core.layers import select_layers
+from lightning_probes.core.layers import check_layer_spec, select_layers
 from lightning_probes.functional.ablation import curve_area
 
 _MONITORS = ("auc", "auc_normalized")
@@ -81,6 +81,7 @@ class AblationAUCCallback(ProbeCallback):
     probe_name = "ablation"
     needs_grad = False
     needs_targets = True
+    needs_class_targets = True
     default_schedule = {"every_n_epochs": 1}  # noqa: RUF012
 
     def __init__(
@@ -103,6 +104,7 @@ class AblationAUCCallback(ProbeCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(probe_size=probe_size, **kwargs)
+        check_layer_spec(layers)
         for name, v, low in (("num_orderings", num_orderings, 1), ("num_points", num_points, 2)):
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ValueError(f"Expected `{name}` to be an int >= {low}, got {v!r}.")

@@ -19,7 +19,7 @@ from lightning_probes.callbacks.base import ProbeCallback
 from lightning_probes.core.ablation import AblationValue, default_ablation_layers
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import OutputFn, as_logits
-from lightning_probes.core.layers import select_layers
+from lightning_probes.core.layers import check_layer_spec, select_layers
 from lightning_probes.core.selectivity import unit_ablation_impact, unit_activity
 from lightning_probes.functional.selectivity import (
     binned_mutual_information,
@@ -60,6 +60,7 @@ class SelectivityCallback(ProbeCallback):
     probe_name = "selectivity"
     needs_grad = False
     needs_targets = True
+    needs_class_targets = True
     default_schedule = {"every_n_epochs": 1}  # noqa: RUF012
 
     def __init__(
@@ -79,6 +80,7 @@ class SelectivityCallback(ProbeCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(probe_size=probe_size, **kwargs)
+        check_layer_spec(layers)
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
             raise ValueError(f"Expected `num_classes` to be an int >= 2, got {num_classes!r}.")
         if not 0.0 <= threshold <= 1.0:
@@ -117,7 +119,11 @@ class SelectivityCallback(ProbeCallback):
         assert y is not None
         classes = self.num_classes or int(as_logits(pl_module(x[:2]), self.output_fn).shape[-1])
         acts = unit_activity(
-            pl_module, x, layers=self.layers, follow_activation=self.follow_activation
+            pl_module,
+            x,
+            layers=self.layers,
+            follow_activation=self.follow_activation,
+            output_fn=self.output_fn,
         )
         impact = {}
         if self.importance:

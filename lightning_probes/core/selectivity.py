@@ -36,6 +36,7 @@ def unit_activity(
     *,
     layers: Layers,
     follow_activation: bool = True,
+    output_fn: OutputFn | None = None,
     chunk_size: int = 1024,
 ) -> dict[str, Tensor]:
     """Activity of every unit on every sample: ``{layer: [n, u]}`` (feature maps averaged).
@@ -45,12 +46,13 @@ def unit_activity(
         inputs: ``[n, ...]`` probe inputs.
         layers: As in :func:`~lightning_probes.core.ablation.ablation_curve`.
         follow_activation: Read the activation module after each named layer.
+        output_fn: Maps the model output to logits ``[n, o]`` (used when tracing the model).
         chunk_size: Samples per forward pass.
 
     Returns:
         ``{layer: [n, u]}`` in float64.
     """
-    trace = trace_model(model, inputs, layers, follow_activation)
+    trace = trace_model(model, inputs, layers, follow_activation, output_fn)
     parts: dict[str, list[Tensor]] = {p.layer: [] for p in trace.points}
     with torch.no_grad(), capture({p.layer: p.module for p in trace.points}) as rec:
         for s0 in range(0, inputs.shape[0], chunk_size):
@@ -71,6 +73,7 @@ def class_selectivity(
     layers: Layers,
     num_classes: int,
     follow_activation: bool = True,
+    output_fn: OutputFn | None = None,
 ) -> dict[str, Tensor]:
     r"""Class selectivity index of every unit (Morcos et al., 2018, eq. 1).
 
@@ -87,6 +90,7 @@ def class_selectivity(
         layers: As in :func:`~lightning_probes.core.ablation.ablation_curve`.
         num_classes: Number of classes.
         follow_activation: Read the activation module after each named layer.
+        output_fn: Maps the model output to logits ``[n, o]``.
 
     Returns:
         ``{layer: [u]}`` float64, in ``[0, 1]`` for non-negative activity.
@@ -101,7 +105,7 @@ def class_selectivity(
     """
     out = {}
     for name, act in unit_activity(
-        model, inputs, layers=layers, follow_activation=follow_activation
+        model, inputs, layers=layers, follow_activation=follow_activation, output_fn=output_fn
     ).items():
         means, present = class_conditional_means(act, targets, num_classes)
         out[name] = selectivity_index(means, present)
@@ -117,6 +121,7 @@ def unit_mutual_information(
     num_classes: int,
     num_bins: int = 10,
     follow_activation: bool = True,
+    output_fn: OutputFn | None = None,
 ) -> dict[str, Tensor]:
     """Mutual information (bits) between each unit's binned activity and the class.
 
@@ -126,7 +131,9 @@ def unit_mutual_information(
     Returns:
         ``{layer: [u]}`` float64.
     """
-    acts = unit_activity(model, inputs, layers=layers, follow_activation=follow_activation)
+    acts = unit_activity(
+        model, inputs, layers=layers, follow_activation=follow_activation, output_fn=output_fn
+    )
     return {
         name: binned_mutual_information(act, targets, num_classes, num_bins)
         for name, act in acts.items()
