@@ -29,8 +29,11 @@ def test_loss_and_grad_match_full_batch_autograd(chunk_size):
     torch.testing.assert_close(loss2, ref_loss, rtol=1e-12, atol=1e-12)
     for (name, _), g in zip(ref.named_parameters(), ref_grads):
         torch.testing.assert_close(grads[name], g, rtol=1e-10, atol=1e-12)
-    # the model's own weights are untouched
+    # the model's own weights and .grad are untouched
     assert not torch.equal(model[0].weight, params["0.weight"])
+    assert all(p.grad is None for p in model.parameters())
+    # and so are the tensors handed in
+    assert all(v.grad is None and not v.requires_grad for v in params.values())
 
 
 def test_mse_for_float_targets_and_output_fn():
