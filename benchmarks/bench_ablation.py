@@ -17,7 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lightning_probes.core.ablation import ablation_curve, trace_model
+from lightning_probes.core.ablation import ablation_curve
+from lightning_probes.core.interventions import trace_model
 from lightning_probes.functional.ablation import ablation_counts, cumulative_keep_masks
 
 

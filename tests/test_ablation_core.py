@@ -12,8 +12,8 @@ from lightning_probes.core.ablation import (
     ablation_points,
     default_ablation_layers,
     noise_curve,
-    trace_model,
 )
+from lightning_probes.core.interventions import trace_model
 from lightning_probes.functional.ablation import (
     ablation_counts,
     cumulative_keep_masks,

@@ -1,6 +1,6 @@
 r"""Class selectivity, information and ablation impact of single units (Morcos et al., 2018).
 
-Units and intervention points are those of :mod:`lightning_probes.core.ablation`: by default
+Units and intervention points are those of :mod:`lightning_probes.core.interventions`: by default
 the activation module after each selected layer (post-nonlinearity), a unit being one feature
 of a fully connected layer or one feature map of a conv layer (its activity spatially
 averaged). Section 3.4 of the paper asks whether a unit's class selectivity predicts the
@@ -13,16 +13,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_probes.core.ablation import (
-    AblationValue,
+from lightning_probes.core.ablation import AblationValue
+from lightning_probes.core.evaluation import OutputFn
+from lightning_probes.core.hooks import capture
+from lightning_probes.core.interventions import (
     Layers,
     Masks,
     evaluate_interventions,
     point_statistics,
     trace_model,
 )
-from lightning_probes.core.evaluation import OutputFn
-from lightning_probes.core.hooks import capture
 from lightning_probes.functional.selectivity import (
     binned_mutual_information,
     class_conditional_means,
@@ -156,7 +156,7 @@ def unit_ablation_impact(
     .. math:: \Delta L_j = L(\text{unit } j \text{ clamped}) - L(\text{intact})
 
     All :math:`U` single-unit ablations run as masks of one vectorised evaluation (shared
-    prefix, expanded batch; see :mod:`lightning_probes.core.ablation`). The paper (sec. 3.4)
+    prefix, expanded batch; see :mod:`lightning_probes.core.interventions`). The paper (sec. 3.4)
     measures it on the test loss of networks trained on true labels.
 
     Args:
