@@ -193,7 +193,7 @@ def centered_kernel_alignment(
     return (c1 * c2).sum() / (torch.linalg.matrix_norm(c1) * torch.linalg.matrix_norm(c2))
 
 
-def stable_rank(matrix: Tensor, *, exact_below: int = 2048, tol: float = 1e-7) -> Tensor:
+def stable_rank(matrix: Tensor, *, exact_below: int = 128, tol: float = 1e-7) -> Tensor:
     r"""Stable rank :math:`R = \|M\|_F^2 / \|M\|_2^2` of a symmetric matrix (Lou et al., App. G.1).
 
     The spectral norm comes from ``eigvalsh`` for ``N <= exact_below``; above, from a block
@@ -218,7 +218,7 @@ def stable_rank(matrix: Tensor, *, exact_below: int = 2048, tol: float = 1e-7) -
 
 
 def spectral_norm_symmetric(
-    matrix: Tensor, *, exact_below: int = 2048, tol: float = 1e-7, max_iter: int = 300
+    matrix: Tensor, *, exact_below: int = 128, tol: float = 1e-7, max_iter: int = 300
 ) -> Tensor:
     """Largest absolute eigenvalue of a symmetric matrix (see :func:`stable_rank`)."""
     n = matrix.shape[0]
