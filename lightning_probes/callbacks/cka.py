@@ -26,6 +26,7 @@ from lightning_probes.core.evaluation import OutputFn
 from lightning_probes.core.kernels import resolve_layers, tangent_kernel_factors
 from lightning_probes.core.kernels_estimate import estimate_layer_alignments
 from lightning_probes.core.kernels_stats import kernel_statistics
+from lightning_probes.core.layers import check_layer_spec
 from lightning_probes.functional.alignment import center_kernel
 
 Estimator = Literal["exact", "hutchinson"]
@@ -68,6 +69,7 @@ class LayerCKACallback(ProbeCallback):
     probe_name = "cka"
     needs_grad = True
     needs_targets = True
+    needs_class_targets = True
     default_schedule: ClassVar[dict[str, Any]] = {"every_n_steps": 50}
 
     def __init__(
@@ -86,6 +88,7 @@ class LayerCKACallback(ProbeCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(probe_size=probe_size, **kwargs)
+        check_layer_spec(layers)
         if centering not in ("samples", "full"):
             raise ValueError(f"`centering` can be 'samples' or 'full', got {centering!r}.")
         if estimator not in ("exact", "hutchinson"):
