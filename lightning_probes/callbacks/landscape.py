@@ -35,7 +35,7 @@ from lightning_probes.core.landscape import (
     random_direction,
     trainable_parameters,
 )
-from lightning_probes.core.layers import select_layers
+from lightning_probes.core.layers import check_layer_spec, select_layers
 from lightning_probes.functional.landscape import (
     OneDimPolicy,
     angle_degrees,
@@ -142,6 +142,7 @@ class LandscapeCallback(ProbeCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        check_layer_spec(layers)
         _nonneg_int("plane_every_n_runs", plane_every_n_runs)
         _nonneg_int("keep_checkpoints", keep_checkpoints)
         if not isinstance(plane_resolution, int) or plane_resolution < 2:

@@ -94,7 +94,7 @@ def probe_loss(
     n = len(data)
     total: Tensor | None = None
     for inputs, targets, size in chunks(data, chunk_size):
-        out = as_logits(_call(model, params, inputs), output_fn)
+        out = as_logits(call_model(model, params, inputs), output_fn)
         part = loss_fn(out, targets) * (size / n)  # type: ignore[arg-type]
         total = part if total is None else total + part
     assert total is not None
@@ -127,7 +127,7 @@ def probe_loss_and_grad(
     total = torch.zeros((), dtype=next(iter(leaves.values())).dtype, device=_device(leaves))
     with torch.enable_grad():
         for inputs, targets, size in chunks(data, chunk_size):
-            out = as_logits(_call(model, leaves, inputs), output_fn)
+            out = as_logits(call_model(model, leaves, inputs), output_fn)
             part = loss_fn(out, targets) * (size / n)  # type: ignore[arg-type]
             if part.requires_grad:
                 # Accumulate straight into the private leaves' .grad (never the model's):
@@ -138,7 +138,11 @@ def probe_loss_and_grad(
     return total, grads
 
 
-def _call(model: nn.Module, params: Mapping[str, Tensor] | None, inputs: Any) -> Any:
+def call_model(model: nn.Module, params: Mapping[str, Tensor] | None, inputs: Any) -> Any:
+    """``model(inputs)`` at ``params`` (via ``functional_call``; ``None``: its own weights).
+
+    A tuple ``inputs`` is passed as positional arguments.
+    """
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     if params is None:
         return model(*args)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_probes.core.data import ProbeSet
-from lightning_probes.core.evaluation import LossFn, OutputFn, _call, as_logits, chunks
+from lightning_probes.core.evaluation import LossFn, OutputFn, as_logits, call_model, chunks
 from lightning_probes.core.evaluation import default_loss as _default_loss
 
 
@@ -60,7 +60,7 @@ def hessian_vector_product(
     n = len(data)
     with torch.enable_grad():
         for inputs, targets, size in chunks(data, chunk_size):
-            logits = as_logits(_call(model, leaves, inputs), output_fn)
+            logits = as_logits(call_model(model, leaves, inputs), output_fn)
             loss = loss_fn(logits, targets) * (size / n)  # type: ignore[arg-type]
             grads = torch.autograd.grad(loss, [leaves[k] for k in names], create_graph=True)
             dot = torch.stack([(g * v).sum() for g, v in zip(grads, vec)]).sum()
