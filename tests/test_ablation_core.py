@@ -301,3 +301,37 @@ def test_functional_counts_masks_area():
     assert np.allclose(curve_area(x, y).numpy(), np.trapezoid(y.numpy(), x.numpy(), axis=-1))
     with pytest.raises(ValueError, match="Expected `num_units` to be a positive int"):
         ablation_counts(torch.tensor([0.0]), 0)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
+@pytest.mark.parametrize("path", ["_unit_contributions", "_partial_map"])
+def test_cnn_shortcut_paths_equal_naive_loop(padding_mode, path, monkeypatch):
+    """Both ways of ablating through the conv after the first point (all units' contributions
+    at once, or per newly ablated channel when those do not fit) match the naive loop."""
+    import lightning_probes.core.interventions as engine
+
+    calls = []
+    original = getattr(engine, path)
+    monkeypatch.setattr(engine, path, lambda *a: calls.append(1) or original(*a))
+    if path == "_partial_map":  # as if all units' contributions did not fit in memory
+        monkeypatch.setattr(engine, "_unit_contributions", lambda *a: None)
+    net = cnn(dtype=torch.float64)
+    net.features[5].padding_mode = padding_mode
+    x, y = data(20, (2, 8, 8), classes=5)
+    for value in ("zero", "mean"):
+        curve = ablation_curve(
+            net, x, y, layers=None, num_orderings=3, value=value,
+            fractions=torch.linspace(0, 1, 9), generator=torch.Generator().manual_seed(2),
+        )  # fmt: skip
+        modules = [net.features[4], net.features[7], net.features[9]]
+        values = None
+        if value == "mean":
+            with torch.no_grad():
+                h, values = x, []
+                for i, layer in enumerate(net.features):
+                    h = layer(h)
+                    if i in (4, 7, 9):
+                        values.append(h.mean(0))
+        expected = naive_curve(net, x, y, modules, [1, 1, 1], curve.orderings, curve.counts, values)
+        assert torch.equal(curve.accuracy, expected)
+    assert calls

@@ -83,7 +83,8 @@ class Trace:
 
     points: list[AblationPoint]  # in selection (definition) order
     order: list[int]  # indices into points, in execution order
-    per_sample_elements: int  # largest per-sample output of any module (memory estimate)
+    prefix_elements: int  # largest per-sample output up to the first point (memory estimate)
+    suffix_elements: int  # largest per-sample output from the first point on, logits included
     shortcut: tuple[str, nn.Module] | None  # single Linear/Conv consuming the first point
 
 
@@ -162,13 +163,13 @@ def trace_model(
             f"{[p.name for p in points]}. Pass `follow_activation=False` or fewer layers."
         )
     order = sorted(range(len(points)), key=lambda i: positions[i])
-    elements = max(
-        (o[0].numel() for _, _, _, o in calls if isinstance(o, Tensor) and o.ndim > 0), default=1
-    )
-    shortcut = _find_shortcut(calls, positions[order[0]], points[order[0]], logits, where)
+    first = positions[order[0]]
+    sizes = [o[0].numel() if isinstance(o, Tensor) and o.ndim > 0 else 1 for *_, o in calls]
+    shortcut = _find_shortcut(calls, first, points[order[0]], logits, where)
     if shortcut is not None and shortcut[0] in {p.name for p in points}:
         shortcut = None
-    return Trace(points, order, max(elements, logits[0].numel()), shortcut)
+    suffix = max([*sizes[first:], logits[0].numel()])
+    return Trace(points, order, max(sizes[: first + 1]), suffix, shortcut)
 
 
 def _follow(calls: list[_Call], idx: int, where: dict[str, list[int]]) -> int:
@@ -310,18 +311,28 @@ def evaluate_interventions(
             f"{tuple(targets.shape)}."
         )
     n = inputs.shape[0]
-    per_sample = 4 * trace.per_sample_elements * inputs.element_size()
-    n_c = max(1, min(n, memory_budget // per_sample))
-    m_c = max(1, min(num_masks, memory_budget // (n_c * per_sample)))
+    expand = num_masks > 1 and not _shares_prefix(model, inputs, trace, output_fn)
+    n_c, m_c = _chunk_sizes(n, num_masks, trace, inputs.element_size(), memory_budget, expand)
     correct = torch.zeros(num_masks, dtype=torch.float64)
     loss = torch.zeros(num_masks, dtype=torch.float64)
-    state = {"expand_inputs": False}
     for s0 in range(0, n, n_c):
         x, y = inputs[s0 : s0 + n_c], targets[s0 : s0 + n_c]
+        cache: dict[str, Tensor | None] = {}  # per sample chunk: the shortcut's unit contributions
         for m0 in range(0, num_masks, m_c):
             sl = slice(m0, min(num_masks, m0 + m_c))
-            logits = _forward_masks(model, x, trace, apply, sl, masks, state, output_fn)
             m = sl.stop - sl.start
+            logits = _run(
+                model,
+                x,
+                trace,
+                apply,
+                sl,
+                masks,
+                expand_inputs=expand and m > 1,
+                output_fn=output_fn,
+                memory_budget=memory_budget,
+                cache=cache,
+            )
             logits = logits.reshape(m, x.shape[0], -1)
             correct[sl] += (logits.argmax(-1) == y).sum(1).to("cpu", torch.float64)
             if with_loss:
@@ -332,29 +343,54 @@ def evaluate_interventions(
     return correct / n, (loss / n if with_loss else None)
 
 
-def _forward_masks(
-    model: nn.Module,
-    x: Tensor,
-    trace: Trace,
-    apply: Apply,
-    sl: slice,
-    masks: Masks | None,
-    state: dict[str, bool],
-    output_fn: OutputFn | None,
-) -> Tensor:
-    m = sl.stop - sl.start
-    if not state["expand_inputs"] and m > 1:
-        try:
-            return _run(model, x, trace, apply, sl, masks, expand_inputs=False, output_fn=output_fn)
-        except (RuntimeError, _BatchMismatchError) as err:
-            state["expand_inputs"] = True
-            warnings.warn(
-                "The model mixes activations from before the first ablation point with the "
-                f"expanded batch ({type(err).__name__}: {str(err)[:200]}); evaluating masks by "
-                "repeating the inputs instead (no shared prefix, slower).",
-                stacklevel=3,
-            )
-    return _run(model, x, trace, apply, sl, masks, expand_inputs=m > 1, output_fn=output_fn)
+def _chunk_sizes(
+    n: int, num_masks: int, trace: Trace, element_size: int, budget: int, expand: bool
+) -> tuple[int, int]:
+    """Samples and masks per forward pass, so that activations stay within ``budget`` bytes.
+
+    Every forward pass re-runs the shared prefix, so passes evaluate as many masks as fit
+    (all of them if at least ``min(n, 32)`` samples then fit), taking fewer samples instead.
+    """
+    prefix = 4 * element_size * trace.prefix_elements  # ~4 live tensors of the largest output
+    suffix = 4 * element_size * trace.suffix_elements
+    if expand:  # the whole network runs on the expanded batch
+        prefix, suffix = 0, max(prefix, suffix)
+    all_masks = budget // (prefix + num_masks * suffix)
+    if all_masks >= min(n, 32):
+        return min(n, all_masks), num_masks
+    n_c = max(1, min(n, 32, budget // (prefix + 8 * suffix)))  # room for 8 masks if possible
+    return n_c, max(1, min(num_masks, (budget - n_c * prefix) // (n_c * suffix)))
+
+
+def _shares_prefix(
+    model: nn.Module, inputs: Tensor, trace: Trace, output_fn: OutputFn | None
+) -> bool:
+    """Whether the model runs with the first point's output expanded to several copies.
+
+    A model that mixes activations from before the first point with the expanded batch (a skip
+    connection around it) does not; masks are then evaluated by repeating the inputs.
+    """
+    x = inputs[:2]
+    try:
+        _run(
+            model,
+            x,
+            trace,
+            lambda j, h, sl: h,
+            slice(0, 2),
+            None,
+            expand_inputs=False,
+            output_fn=output_fn,
+        )
+    except (RuntimeError, _BatchMismatchError) as err:
+        warnings.warn(
+            "The model mixes activations from before the first ablation point with the "
+            f"expanded batch ({type(err).__name__}: {str(err)[:200]}); evaluating masks by "
+            "repeating the inputs instead (no shared prefix, slower).",
+            stacklevel=4,
+        )
+        return False
+    return True
 
 
 def _run(
@@ -367,6 +403,8 @@ def _run(
     *,
     expand_inputs: bool,
     output_fn: OutputFn | None,
+    memory_budget: int = 2**25,
+    cache: dict[str, Tensor | None] | None = None,
 ) -> Tensor:
     m, n = sl.stop - sl.start, x.shape[0]
     first = trace.points[trace.order[0]]
@@ -377,7 +415,8 @@ def _run(
     def intervene(name: str, out: Tensor) -> Tensor:
         if shortcut is not None and name == shortcut[0]:
             assert masks is not None
-            z = _shortcut(shortcut[1], out, held["h"], masks, index[first.name], first, sl)
+            j = index[first.name]
+            z = _shortcut(shortcut[1], out, held["h"], masks, j, first, sl, memory_budget, cache)
             return z.flatten(0, 1)
         if shortcut is not None and name == first.name:
             held["h"] = out
@@ -402,20 +441,36 @@ def _run(
 
 
 def _shortcut(
-    layer: nn.Module, z: Tensor, h: Tensor, masks: Masks, j: int, point: AblationPoint, sl: slice
+    layer: nn.Module,
+    z: Tensor,
+    h: Tensor,
+    masks: Masks,
+    j: int,
+    point: AblationPoint,
+    sl: slice,
+    memory_budget: int,
+    cache: dict[str, Tensor | None] | None = None,
 ) -> Tensor:
     r"""``[m, n, ...]`` outputs of ``layer`` for each mask: :math:`z - W((h - v) \odot (1-k))`.
 
     Successive masks whose ablated set grows reuse the previous correction and add only the
-    columns of the newly ablated units, so a whole cumulative ordering costs one pass of
-    ``layer``.
+    contributions of the newly ablated units, so a whole cumulative ordering costs one pass of
+    ``layer``. When they fit in half the memory budget, the contributions of all units are
+    computed once (one grouped convolution) and each mask only sums rows of them (the
+    cumulative sum along an ordering); otherwise ``layer`` is applied to the new units' columns.
     """
     value = masks.values[j]
     d = h if value is None else h - value
     dim = 1 if point.unit_dim == 1 else h.ndim - 1
     keep = masks.keep[j][sl].cpu()
-    out, previous, delta = [], None, None
-    for row in keep:
+    cache = {} if cache is None else cache  # the same samples for every chunk of masks
+    if "per_unit" not in cache:
+        fits = keep.shape[1] * z.numel() * z.element_size() <= memory_budget // 2
+        cache["per_unit"] = _unit_contributions(layer, d) if fits else None
+    per_unit = cache["per_unit"]
+    out = z.new_empty(keep.shape[0], *z.shape)
+    previous, delta = None, None
+    for i, row in enumerate(keep):
         ablated = ~row
         if previous is not None and not bool((previous & row).any()):
             new = ablated & ~previous
@@ -423,11 +478,40 @@ def _shortcut(
             new, delta = ablated, None
         idx = new.nonzero().squeeze(1).to(h.device)
         if idx.numel():
-            part = _partial_map(layer, d.index_select(dim, idx), idx)
+            if per_unit is not None:
+                part = per_unit.index_select(0, idx).sum(0)
+            else:
+                part = _partial_map(layer, d.index_select(dim, idx), idx)
             delta = part if delta is None else delta + part
-        out.append(z if delta is None else z - delta)
+        if delta is None:
+            out[i] = z
+        else:
+            torch.sub(z, delta, out=out[i])
         previous = ablated
-    return torch.stack(out)
+    return out
+
+
+def _unit_contributions(layer: nn.Module, d: Tensor) -> Tensor:
+    r"""``[u, n, ...]``: ``layer``'s linear part (no bias) applied to each input unit alone.
+
+    For a ``Linear`` :math:`P_c = d_{\cdot c} W_{\cdot c}^\top`; for a convolution
+    :math:`P_c = W_{\cdot c} * d_c`, all channels in one convolution with ``groups = u``.
+    """
+    weight: Tensor = layer.weight  # type: ignore[assignment]
+    if isinstance(layer, nn.Linear):
+        u, o = weight.shape[1], weight.shape[0]
+        w = weight.t().reshape(u, *([1] * (d.ndim - 1)), o)
+        return d.movedim(-1, 0).unsqueeze(-1) * w
+    assert isinstance(layer, CONV_TYPES)
+    c_out, u = weight.shape[:2]
+    grouped = weight.transpose(0, 1).reshape(u * c_out, 1, *weight.shape[2:])
+    conv = (nn.functional.conv1d, nn.functional.conv2d, nn.functional.conv3d)[d.ndim - 3]
+    padding: Any = layer.padding
+    if layer.padding_mode != "zeros":
+        d = nn.functional.pad(d, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        padding = 0
+    out = conv(d, grouped, None, layer.stride, padding, layer.dilation, u)
+    return out.view(out.shape[0], u, c_out, *out.shape[2:]).movedim(1, 0).contiguous()
 
 
 def _partial_map(layer: nn.Module, d: Tensor, idx: Tensor) -> Tensor:
