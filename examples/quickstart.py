@@ -18,9 +18,29 @@ from pytorch_lightning.loggers import TensorBoardLogger
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits import DigitsMLP, digits_loaders
 
+from lightning_probes import (
+    AblationAUCCallback,
+    LandscapeCallback,
+    LayerCKACallback,
+    LossContributionCallback,
+    NADCallback,
+    SelectivityCallback,
+)
+
 # name -> factory of each probe as the quickstart attaches it (cheap settings for a CPU demo).
 # benchmarks/bench_overhead.py times the same run with each of these alone and all together.
-QUICKSTART_PROBES: dict[str, Callable[[], pl.Callback]] = {}
+QUICKSTART_PROBES: dict[str, Callable[[], pl.Callback]] = {
+    "LossContributionCallback": lambda: LossContributionCallback(
+        method="simpson", every_n_steps=50, window=4, probe_size=256
+    ),
+    "AblationAUCCallback": lambda: AblationAUCCallback(
+        num_orderings=5, num_points=11, probe_size=256
+    ),
+    "SelectivityCallback": lambda: SelectivityCallback(probe_size=256, importance=True),
+    "LayerCKACallback": lambda: LayerCKACallback(every_n_steps=50, probe_size=128),
+    "NADCallback": lambda: NADCallback(num_networks=1000, every_n_steps=100),
+    "LandscapeCallback": lambda: LandscapeCallback(every_n_steps=50, plane_every_n_runs=2),
+}
 
 
 def make_probes() -> list[pl.Callback]:

@@ -24,6 +24,7 @@ from typing_extensions import override
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.base import ProbeCallback
 from lightning_probes.core.data import ProbeSet
+from lightning_probes.core.evaluation import OutputAdapter
 from lightning_probes.core.isolation import isolated
 from lightning_probes.core.nad import (
     NADResult,
@@ -168,6 +169,12 @@ class NADCallback(ProbeCallback):
                 "NADCallback needs probe inputs that are one Tensor (n, *input_shape), got "
                 f"{type(data.inputs).__name__}. Pass `probe_data=` or `batch_to_inputs_targets=`."
             )
+        if not torch.is_floating_point(data.inputs):
+            raise ValueError(
+                "NADCallback needs floating-point inputs: NADs are directions in a continuous "
+                f"input space, but the probe inputs are {data.inputs.dtype} (token ids?). Use it "
+                "on models whose inputs are real-valued (images, signals, features)."
+            )
         shape = tuple(data.inputs.shape[1:])
         if self.input_shape is not None and self.input_shape != shape:
             raise ValueError(
@@ -186,6 +193,9 @@ class NADCallback(ProbeCallback):
             # (training's dropout and shuffling) are as before
             with isolated(pl_module, grad=True):
                 factory = self.model_factory or fresh_network_factory(pl_module)
+                if self.output_fn is not None:
+                    output_fn, make = self.output_fn, factory
+                    factory = lambda: OutputAdapter(make(), output_fn)  # noqa: E731
                 nads = neural_anisotropy_directions(
                     factory,
                     shape,

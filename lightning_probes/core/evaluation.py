@@ -47,6 +47,23 @@ def as_logits(output: Any, output_fn: OutputFn | None = None) -> Tensor:
     return output
 
 
+class OutputAdapter(nn.Module):
+    """``module`` whose output is passed through ``output_fn`` (dict/tuple outputs -> logits).
+
+    For code that needs a plain ``tensor -> tensor`` network, e.g. the random networks of
+    :func:`~lightning_probes.core.nad.neural_anisotropy_directions`.
+    """
+
+    def __init__(self, module: nn.Module, output_fn: OutputFn) -> None:
+        super().__init__()
+        self.module = module
+        self.output_fn = output_fn
+
+    def forward(self, *args: Any) -> Tensor:
+        """``as_logits(module(*args), output_fn)``."""
+        return as_logits(self.module(*args), self.output_fn)
+
+
 def chunks(data: ProbeSet, chunk_size: int | None) -> list[tuple[Any, Tensor | None, int]]:
     """Split a probe set into ``(inputs, targets, n_chunk)`` pieces of at most ``chunk_size``."""
     n = len(data)
