@@ -38,3 +38,18 @@ def test_base_probe_same_values_on_both_ranks_and_written_once(tmp_path):
         assert r0["metrics"][key] == r1["metrics"][key], key
     assert r0["states"] == r1["states"]
     assert len(event_files(tmp_path)) == 1  # one writer: rank zero only
+
+
+def test_every_probe_under_ddp_agrees_across_ranks_and_stops_together(tmp_path):
+    r0, r1 = run_ddp(tmp_path, "all_probes")
+    # ablation's early stopping (patience 1, unreachable min_delta) ends training at step 2
+    assert r0["should_stop"] and r1["should_stop"]
+    assert r0["global_step"] == r1["global_step"] == 2
+    for probe in ("cka", "lca", "ablation", "selectivity", "nad", "landscape"):
+        keys = sorted(k for k in r0["metrics"] if k.startswith(f"probes/{probe}/"))
+        assert keys, f"{probe} logged nothing"
+        assert keys == sorted(k for k in r1["metrics"] if k.startswith(f"probes/{probe}/"))
+        for key in keys:
+            assert r0["metrics"][key] == r1["metrics"][key], key
+    assert r0["states"] == r1["states"]
+    assert len(event_files(tmp_path)) == 1

@@ -24,3 +24,28 @@ class GradNormProbe(ProbeCallback):
 
 def base_probe():
     return [GradNormProbe(probe_size=32)], 6
+
+
+def all_probes():
+    """Every probe at once, cheap settings; ablation stops training on its own AUC."""
+    import lightning_probes as lp
+
+    return [
+        lp.LayerCKACallback(every_n_steps=2, probe_size=16, on_error="raise"),
+        lp.LossContributionCallback(
+            every_n_steps=1, probe_size=32, method="simpson", on_error="raise"
+        ),
+        lp.AblationAUCCallback(
+            every_n_steps=1,
+            probe_size=32,
+            num_orderings=3,
+            num_points=5,
+            early_stopping=True,
+            patience=1,
+            min_delta=1.0,  # no run can improve by 1.0: stop after the second run
+            on_error="raise",
+        ),
+        lp.SelectivityCallback(every_n_steps=2, probe_size=32, on_error="raise"),
+        lp.NADCallback(every_n_steps=2, probe_size=16, num_networks=16, on_error="raise"),
+        lp.LandscapeCallback(every_n_steps=2, probe_size=16, plane_resolution=3, on_error="raise"),
+    ], 8
