@@ -166,6 +166,9 @@ class ProbeCallback(Callback):
                 "measures accuracy or class-conditional statistics and does not apply to "
                 "regression; pass integer labels via `probe_data=` or `batch_to_inputs_targets=`."
             )
+        with isolated(pl_module, grad=False):
+            # configuration errors surface here, once, before any training step
+            self.validate(pl_module, self._probe_set)
         self.on_probe_set_ready(trainer, pl_module, self._probe_set)
 
     @override
@@ -210,6 +213,14 @@ class ProbeCallback(Callback):
 
     def check_model(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Validate the model at ``setup`` (e.g. that the named layers exist)."""
+
+    def validate(self, pl_module: LightningModule, data: ProbeSet) -> None:
+        """Check at fit start that the probe can run on this model and data; raise if not.
+
+        Runs once, inside an isolated no-grad scope, before the first training step, so that
+        a misconfiguration (e.g. a selected layer called twice per forward) stops ``fit`` at
+        once with a clear error instead of failing at every scheduled run.
+        """
 
     def on_probe_set_ready(
         self, trainer: Trainer, pl_module: LightningModule, data: ProbeSet

@@ -22,7 +22,7 @@ from typing_extensions import override
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.base import ProbeCallback
 from lightning_probes.core.data import ProbeSet
-from lightning_probes.core.evaluation import OutputFn
+from lightning_probes.core.evaluation import OutputFn, chunks
 from lightning_probes.core.kernels import resolve_layers, tangent_kernel_factors
 from lightning_probes.core.kernels_estimate import estimate_layer_alignments
 from lightning_probes.core.kernels_stats import kernel_statistics
@@ -135,6 +135,19 @@ class LayerCKACallback(ProbeCallback):
     @override
     def check_model(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._layer_names = list(resolve_layers(pl_module, self.layers))
+
+    @override
+    def validate(self, pl_module: LightningModule, data: ProbeSet) -> None:
+        # the real capture on two samples: a layer called twice, BatchNorm in train mode or a
+        # dict output without `output_fn` fail here, before training starts
+        inputs = chunks(data, 2)[0][0]
+        with torch.enable_grad():
+            tangent_kernel_factors(
+                pl_module,
+                inputs,
+                layers=resolve_layers(pl_module, self._layer_names or self.layers),
+                output_fn=self.output_fn,
+            )
 
     @override
     def probe(self, trainer: Trainer, pl_module: LightningModule, data: ProbeSet) -> None:
