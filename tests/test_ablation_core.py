@@ -335,3 +335,80 @@ def test_cnn_shortcut_paths_equal_naive_loop(padding_mode, path, monkeypatch):
         expected = naive_curve(net, x, y, modules, [1, 1, 1], curve.orderings, curve.counts, values)
         assert torch.equal(curve.accuracy, expected)
     assert calls
+
+
+def _hand_masks(sizes, seed):
+    """Masks that cover every case: nothing/everything ablated, a whole layer ablated while the
+    next is partly kept, sparse and dense mixes (rows: masks, columns: units of each point)."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum(sizes)
+    rows = [torch.ones(total, dtype=torch.bool), torch.zeros(total, dtype=torch.bool)]
+    for share in (0.9, 0.6, 0.3, 0.1):
+        rows.append(torch.rand(total, generator=g) < share)
+    whole = torch.rand(total, generator=g) < 0.5
+    whole[sizes[0] : sizes[0] + sizes[1]] = False  # the second point fully ablated
+    rows.append(whole)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("value", ["zero", "mean"])
+def test_sparse_layers_after_later_points_match_hand_forward(value, monkeypatch):
+    """A layer that reads the previous point (here Linear 4 after ReLU 3 and Conv 8 after
+    ReLU 7) computes only kept outputs from kept inputs; accuracy and loss match a forward pass
+    written out by hand for each mask, in float64."""
+    import lightning_probes.core.interventions as engine
+
+    calls = []
+    original = engine._sparse_layer
+    monkeypatch.setattr(engine, "_sparse_layer", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    mlp3 = nn.Sequential(
+        nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU(),
+        nn.Linear(8, 4),
+    ).double().eval()  # fmt: skip
+    x, y = data(30)
+    cases = [(mlp3, x, y, ("1", "3", "5"), "4"), (cnn(), *data(12, (2, 8, 8), 5), None, "8")]
+    for net, inputs, targets, layers, sparse_layer in cases:
+        trace = engine.trace_model(net, inputs, None if layers is None else ["0", "2", "4"], True)
+        assert sparse_layer in {n.split(".")[-1] for n in trace.sparse}
+        sizes = [p.num_units for p in trace.points]
+        keep = _hand_masks(sizes, seed=1)
+        values = [None] * 3
+        if value == "mean":
+            values = list(engine.point_statistics(net, inputs, trace)[0])
+        masks = engine.Masks(list(keep.split(sizes, 1)), values, [p.unit_dim for p in trace.points])
+        acc, loss = engine.evaluate_interventions(
+            net, inputs, targets, trace, keep.shape[0], masks, masks=masks, with_loss=True
+        )
+        for r, row in enumerate(keep):
+            handles = []
+            for p, k, v in zip(trace.points, row.split(sizes), values):
+
+                def hook(mod, a, o, k=k, v=v):
+                    view = [1] * o.ndim
+                    view[1] = -1
+                    fill = torch.zeros_like(o) if v is None else v.expand_as(o)
+                    return torch.where(k.view(view), o, fill)
+
+                handles.append(p.module.register_forward_hook(hook))
+            with torch.no_grad():
+                logits = net(inputs)
+            for h in handles:
+                h.remove()
+            assert float(acc[r]) == float((logits.argmax(-1) == targets).double().mean())
+            ce = nn.functional.cross_entropy(logits, targets)
+            assert torch.allclose(loss[r], ce, rtol=1e-12, atol=1e-12)
+    assert calls
+
+
+def test_sparse_layers_need_a_channelwise_path_to_their_point():
+    def net(norm):
+        return nn.Sequential(
+            nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), norm,
+            nn.ReLU(), nn.Linear(8, 3),
+        ).eval()  # fmt: skip
+
+    x = torch.randn(4, 6)
+    assert list(trace_model(net(nn.BatchNorm1d(8)), x, ["0", "2", "4"], True).sparse) == ["4"]
+    assert trace_model(net(nn.LayerNorm(8)), x, ["0", "2", "4"], True).sparse == {}
+    assert trace_model(net(nn.Identity()), x, ["0", "4"], True).sparse == {}  # not adjacent

@@ -19,19 +19,34 @@ explicitly, name that module (e.g. the ``ReLU``) in ``layers``, or pass
 
 **Vectorisation.** Many masks are evaluated in one forward pass: the network runs on the probe
 samples once up to the first intervention point, whose output is expanded to ``m`` copies
-(batch ``m * n``, mask-major) and the remainder runs once on the expanded batch. When the first
-point is consumed by a single ``Linear``/``Conv`` (checked on the autograd graph), that map is
-not re-run per mask: :math:`W(h \odot k + v \odot (1-k)) + b = z - W((h - v) \odot (1-k))`, and
-masks that ablate a superset of the previous mask's units (successive points of one cumulative
-ordering) add only the newly ablated units' columns. Masks and samples are chunked to a memory
-budget. A model that mixes the prefix with the expanded batch (a skip connection around the
-first point) falls back to expanding the inputs instead (with a warning).
+(batch ``m * n``, mask-major) and the remainder runs once on the expanded batch. Each pass
+takes as many masks as fit the memory budget (all of them if possible, fewer samples instead),
+since every pass re-runs the prefix. Two exact shortcuts avoid work per mask:
+
+- When the first point is consumed by a single ``Linear``/``Conv`` (checked on the autograd
+  graph), that map is not re-run per mask:
+  :math:`W(h \odot k + v \odot (1-k)) + b = z - W((h - v) \odot (1-k))`. The contribution of
+  each unit, :math:`P_c = W_{\cdot c} (h - v)_c`, is computed once (one grouped convolution)
+  and a mask that ablates a superset of the previous mask's units (the next point of one
+  cumulative ordering) adds only the new units' :math:`P_c`: a cumulative sum along the
+  ordering. (If the :math:`P_c` do not fit in half the budget, ``W`` is applied to the new
+  units' columns instead.)
+- When a later point's own layer reads exactly the previous point's output and reaches its
+  point only through channel-wise modules (``BatchNorm``, dropout, identity, an elementwise
+  activation), that layer runs on an empty batch and is computed per mask for the units kept
+  at its point only, from the inputs kept at the previous point (zero ablation); the outputs
+  it skips are overwritten by the point's ablation anyway. Masks that keep most of the work
+  run as one dense batch.
+
+A model that mixes the prefix with the expanded batch (a skip connection around the first
+point) falls back to expanding the inputs instead (with a warning).
 
 Index letters: ``M`` masks, ``n`` samples, ``u`` units of a point.
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,6 +69,12 @@ _PASS_THROUGH = (
 )
 _NOT_ACTIVATIONS = (nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d, nn.MultiheadAttention)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_ELEMENTWISE = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish,
+    nn.Hardsigmoid, nn.LogSigmoid, nn.Tanhshrink, nn.Threshold,
+)  # fmt: skip
+_CHANNELWISE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.Identity)
 _Call = tuple[str, nn.Module, Any, Any]  # (name, module, first input, output) of one call
 
 
@@ -86,6 +107,7 @@ class Trace:
     prefix_elements: int  # largest per-sample output up to the first point (memory estimate)
     suffix_elements: int  # largest per-sample output from the first point on, logits included
     shortcut: tuple[str, nn.Module] | None  # single Linear/Conv consuming the first point
+    sparse: dict[str, tuple[nn.Module, int, int]]  # layer -> (module, input point, point)
 
 
 def trace_model(
@@ -169,7 +191,54 @@ def trace_model(
     if shortcut is not None and shortcut[0] in {p.name for p in points}:
         shortcut = None
     suffix = max([*sizes[first:], logits[0].numel()])
-    return Trace(points, order, max(sizes[: first + 1]), suffix, shortcut)
+    sparse = _find_sparse_consumers(calls, points, positions, order, logits, where, shortcut)
+    return Trace(points, order, max(sizes[: first + 1]), suffix, shortcut, sparse)
+
+
+def _find_sparse_consumers(
+    calls: list[_Call],
+    points: list[AblationPoint],
+    positions: list[int],
+    order: list[int],
+    logits: Tensor,
+    where: dict[str, list[int]],
+    shortcut: tuple[str, nn.Module] | None,
+) -> dict[str, tuple[nn.Module, int, int]]:
+    """Points whose own layer reads exactly the previous point's output, channel-wise after.
+
+    For such a point ``j`` (layer ``L``, previous point ``i``), ``L`` only needs the units kept
+    at ``j`` (its other outputs reach nothing but ``j``, which overwrites them), computed from
+    the units kept at ``i`` (the others are 0 when ablated to 0).
+    """
+    found: dict[str, tuple[nn.Module, int, int]] = {}
+    if logits.grad_fn is None:
+        return found
+    for i, j in itertools.pairwise(order):
+        layer = points[j].layer
+        idx = where[layer][0]
+        _, module, arg, out = calls[idx]
+        source = calls[positions[i]][3]
+        if arg is not source or (shortcut is not None and layer == shortcut[0]):
+            continue
+        linear_ok = isinstance(module, nn.Linear) and (points[i].unit_dim == -1 or source.ndim == 2)
+        conv_ok = isinstance(module, CONV_TYPES) and module.groups == 1 and points[i].unit_dim == 1
+        if not (linear_ok or conv_ok):
+            continue
+        chain_ok, current = True, out
+        for k in range(idx + 1, positions[j] + 1):  # L -> (BatchNorm, ...) -> activation
+            _, mod, a, o = calls[k]
+            if a is not current:
+                continue
+            last = k == positions[j]
+            allowed = _ELEMENTWISE + _CHANNELWISE if last else _CHANNELWISE
+            uses = _graph_uses(logits.grad_fn, current.grad_fn) if current.grad_fn else 0
+            if not isinstance(mod, allowed) or uses != 1:
+                chain_ok = False
+                break
+            current = o
+        if chain_ok and current is calls[positions[j]][3]:
+            found[layer] = (module, i, j)
+    return found
 
 
 def _follow(calls: list[_Call], idx: int, where: dict[str, list[int]]) -> int:
@@ -411,8 +480,15 @@ def _run(
     shortcut = trace.shortcut if (masks is not None and not expand_inputs and m > 1) else None
     index = {p.name: j for j, p in enumerate(trace.points)}
     held: dict[str, Tensor] = {}
+    sparse = trace.sparse if masks is not None and m > 1 else {}
 
     def intervene(name: str, out: Tensor) -> Tensor:
+        if name in sparse:  # ran on an empty batch; compute the kept units only
+            assert masks is not None
+            module, i, j = sparse[name]
+            out = _sparse_layer(module, held[name], out.shape[1:], masks, i, j, sl)
+            if name not in index:
+                return out
         if shortcut is not None and name == shortcut[0]:
             assert masks is not None
             j = index[first.name]
@@ -432,12 +508,83 @@ def _run(
     modules = {p.name: p.module for p in trace.points}
     if shortcut is not None:
         modules[shortcut[0]] = shortcut[1]
+    modules.update({name: module for name, (module, _, _) in sparse.items()})
     inputs = x.repeat(m, *([1] * (x.ndim - 1))) if expand_inputs else x
-    with torch.no_grad(), replace_output(modules, intervene):
-        logits = as_logits(model(inputs), output_fn)
+
+    def make_stash(name: str) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
+        def stash(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            held[name] = args[0]
+            return (args[0][:0], *args[1:])  # the layer itself runs on no samples
+
+        return stash
+
+    handles = [mod.register_forward_pre_hook(make_stash(nm)) for nm, (mod, _, _) in sparse.items()]
+    try:
+        with torch.no_grad(), replace_output(modules, intervene):
+            logits = as_logits(model(inputs), output_fn)
+    finally:
+        for handle in handles:
+            handle.remove()
     if logits.shape[0] != m * n:
         raise _BatchMismatchError(f"the model returned batch {logits.shape[0]}, not {m * n}")
     return logits
+
+
+def _sparse_layer(
+    layer: nn.Module,
+    x: Tensor,
+    sample_shape: torch.Size,
+    masks: Masks,
+    i: int,
+    j: int,
+    sl: slice,
+    density: float = 0.5,
+) -> Tensor:
+    """``layer`` on ``x`` ``[m * n, ...]`` for outputs kept at point ``j``; others are 0.
+
+    Input units ablated to 0 at point ``i`` are left out of the sum. Masks that keep more than
+    ``density`` of the work run together as one batch on all units instead.
+    """
+    weight: Tensor = layer.weight  # type: ignore[assignment]
+    bias: Tensor | None = layer.bias  # type: ignore[assignment]
+    linear = isinstance(layer, nn.Linear)
+    m = sl.stop - sl.start
+    xs = x.view(m, -1, *x.shape[1:])
+    out = x.new_zeros(m, xs.shape[1], *sample_shape)
+    keep_out = masks.keep[j][sl]
+    keep_in = masks.keep[i][sl] if masks.values[i] is None else None
+    share = keep_out.sum(1) / keep_out.shape[1]
+    if keep_in is not None:
+        share = share * keep_in.sum(1) / keep_in.shape[1]
+
+    def run(inputs: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        if linear:
+            return nn.functional.linear(inputs, w, b)
+        return layer._conv_forward(inputs, w, b)  # type: ignore[operator]
+
+    dense = (share > density).cpu()
+    if bool(dense.any()):
+        rows = dense.nonzero().squeeze(1).to(x.device)
+        full = run(xs.index_select(0, rows).flatten(0, 1), weight, bias)
+        out.index_copy_(0, rows, full.view(rows.numel(), *out.shape[1:]))
+    out_dim, in_dim = (out.ndim - 2, x.ndim - 1) if linear else (1, 1)
+    for t in (~dense).nonzero().squeeze(1).tolist():
+        kept = keep_out[t].nonzero().squeeze(1)
+        if kept.numel() == 0:
+            continue
+        w, b = weight.index_select(0, kept), None if bias is None else bias.index_select(0, kept)
+        inputs = xs[t]
+        if keep_in is not None:
+            used = keep_in[t].nonzero().squeeze(1)
+            if used.numel() == 0:  # all inputs are 0: the output is the bias
+                if b is not None:
+                    shape, view = list(out[t].shape), [1] * (out.ndim - 1)
+                    shape[out_dim], view[out_dim] = kept.numel(), -1
+                    out[t].index_copy_(out_dim, kept, b.view(view).expand(shape).contiguous())
+                continue
+            inputs, w = inputs.index_select(in_dim, used), w.index_select(1, used)
+        out[t].index_copy_(out_dim, kept, run(inputs, w, b))
+    return out.flatten(0, 1)
 
 
 def _shortcut(
