@@ -412,3 +412,31 @@ def test_sparse_layers_need_a_channelwise_path_to_their_point():
     assert list(trace_model(net(nn.BatchNorm1d(8)), x, ["0", "2", "4"], True).sparse) == ["4"]
     assert trace_model(net(nn.LayerNorm(8)), x, ["0", "2", "4"], True).sparse == {}
     assert trace_model(net(nn.Identity()), x, ["0", "4"], True).sparse == {}  # not adjacent
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_ablating_an_infinite_unit_gives_the_clean_result(layer):
+    """A unit whose activity is +inf, once ablated, contributes exactly its ablation value
+    (fast paths that multiply by the mask or subtract W h would give NaN)."""
+    from lightning_probes.core.interventions import Masks, evaluate_interventions
+
+    net = mlp()
+    with torch.no_grad():
+        net[layer].bias[3] = float("inf")
+    x, y = data()
+    trace = trace_model(net, x, None, True)
+    sizes = [p.num_units for p in trace.points]
+    keep = torch.ones(3, sum(sizes), dtype=torch.bool)
+    offset = 0 if layer == 0 else sizes[0]
+    keep[:, offset + 3] = False
+    keep[1, [1, 15]] = False
+    keep[2, :] = False
+    masks = Masks(list(keep.split(sizes, 1)), [None, None], [-1, -1])
+    acc, loss = evaluate_interventions(net, x, y, trace, 3, masks, masks=masks, with_loss=True)
+    for r in range(3):
+        k1, k2 = keep[r].split(sizes)
+        with torch.no_grad():
+            h1 = torch.where(k1, torch.relu(net[0](x)), 0.0)
+            logits = net[4](torch.where(k2, torch.relu(net[2](h1)), 0.0))
+        assert float(acc[r]) == float((logits.argmax(-1) == y).double().mean())
+        assert torch.allclose(loss[r], nn.functional.cross_entropy(logits, y))

@@ -328,8 +328,19 @@ class Masks:
         """Clamp point ``j``'s ablated units in ``h`` ``[m, n, ...]`` for masks ``masks``."""
         keep = unit_view(self.keep[j][masks], h.ndim - 2, self.unit_dims[j], leading=1)
         value = self.values[j]
-        fill = torch.zeros((), dtype=h.dtype, device=h.device) if value is None else value
-        return torch.where(keep.unsqueeze(1), h, fill)
+        if _all_finite(h) and (value is None or _all_finite(value)):
+            # h * 1 = h and h * 0 = 0 exactly (up to the sign of 0); faster than `where`
+            k = keep.unsqueeze(1).to(h.dtype)
+            return h * k if value is None else h * k + value * (1 - k)
+        return torch.where(keep.unsqueeze(1), h, 0.0 if value is None else value)
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Whether every element is finite, in one pass without a boolean copy.
+
+    A finite sum implies it; a sum that overflows only sends the caller to its exact path.
+    """
+    return bool(t.sum().isfinite())
 
 
 def unit_view(vec: Tensor, sample_ndim: int, unit_dim: int, leading: int = 0) -> Tensor:
@@ -490,12 +501,14 @@ def _run(
             if name not in index:
                 return out
         if shortcut is not None and name == shortcut[0]:
+            if "h" not in held:  # the first point was ablated on the expanded batch
+                return out
             assert masks is not None
             j = index[first.name]
             z = _shortcut(shortcut[1], out, held["h"], masks, j, first, sl, memory_budget, cache)
             return z.flatten(0, 1)
-        if shortcut is not None and name == first.name:
-            held["h"] = out
+        if shortcut is not None and name == first.name and _all_finite(out):
+            held["h"] = out  # (with non-finite values, z - W(h - v)(1 - k) is not exact)
             return out
         if out.shape[0] == m * n:
             h = out.reshape(m, n, *out.shape[1:])
@@ -613,7 +626,7 @@ def _shortcut(
     cache = {} if cache is None else cache  # the same samples for every chunk of masks
     if "per_unit" not in cache:
         fits = keep.shape[1] * z.numel() * z.element_size() <= memory_budget // 2
-        cache["per_unit"] = _unit_contributions(layer, d) if fits else None
+        cache["per_unit"] = _unit_contributions(layer, d, z.shape[2:]) if fits else None
     per_unit = cache["per_unit"]
     out = z.new_empty(keep.shape[0], *z.shape)
     previous, delta = None, None
@@ -638,11 +651,13 @@ def _shortcut(
     return out
 
 
-def _unit_contributions(layer: nn.Module, d: Tensor) -> Tensor:
+def _unit_contributions(layer: nn.Module, d: Tensor, out_shape: torch.Size) -> Tensor:
     r"""``[u, n, ...]``: ``layer``'s linear part (no bias) applied to each input unit alone.
 
     For a ``Linear`` :math:`P_c = d_{\cdot c} W_{\cdot c}^\top`; for a convolution
-    :math:`P_c = W_{\cdot c} * d_c`, all channels in one convolution with ``groups = u``.
+    :math:`P_c = W_{\cdot c} * d_c`, all channels in one convolution with ``groups = u``
+    (or, for ``Conv2d``, one batched matmul over the unfolded input). ``out_shape``: the
+    spatial shape of the layer's output.
     """
     weight: Tensor = layer.weight  # type: ignore[assignment]
     if isinstance(layer, nn.Linear):
@@ -651,6 +666,14 @@ def _unit_contributions(layer: nn.Module, d: Tensor) -> Tensor:
         return d.movedim(-1, 0).unsqueeze(-1) * w
     assert isinstance(layer, CONV_TYPES)
     c_out, u = weight.shape[:2]
+    pad = layer.padding
+    if isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros" and isinstance(pad, tuple):
+        # im2col and one batched matmul: faster than the grouped convolution below
+        kernel, n = weight.shape[2:], d.shape[0]
+        cols = nn.functional.unfold(d, kernel, layer.dilation, pad, layer.stride)
+        cols = cols.view(n, u, kernel.numel(), -1).transpose(0, 1)  # [u, n, k, L]
+        p = torch.matmul(weight.transpose(0, 1).reshape(u, 1, c_out, -1), cols)
+        return p.view(u, n, c_out, *out_shape)
     grouped = weight.transpose(0, 1).reshape(u * c_out, 1, *weight.shape[2:])
     conv = (nn.functional.conv1d, nn.functional.conv2d, nn.functional.conv3d)[d.ndim - 3]
     padding: Any = layer.padding
