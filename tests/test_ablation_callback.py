@@ -162,3 +162,20 @@ def test_invalid_arguments(kwargs, match):
 def test_unknown_layer_fails_at_setup(tmp_path):
     with pytest.raises(ValueError, match="Layer 'net.9' not found in TinyClassifier"):
         fit(tmp_path, [AblationAUCCallback(layers="net.9")], max_epochs=1)
+
+
+class DictOutput(TinyClassifier):
+    def forward(self, x):
+        return {"logits": self.net(x)}
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch[0])["logits"], batch[1])
+
+
+def test_unusable_model_output_stops_fit_before_the_first_step(tmp_path):
+    # an error at fit start, not a warning at every run (on_error="warn" is the default)
+    probe = AblationAUCCallback()
+    trainer = make_trainer(tmp_path, [probe], max_steps=4)
+    with pytest.raises(TypeError, match="Pass `output_fn=`"):
+        trainer.fit(DictOutput(), make_loader())
+    assert probe._runs == 0 and trainer.global_step == 0

@@ -29,6 +29,7 @@ from lightning_probes.core.ablation import (
 )
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import OutputFn
+from lightning_probes.core.interventions import trace_model
 from lightning_probes.core.layers import check_layer_spec, select_layers
 from lightning_probes.functional.ablation import curve_area
 
@@ -157,6 +158,12 @@ class AblationAUCCallback(ProbeCallback):
                     "value (stale values are removed), so it will raise. Pass "
                     "`EarlyStopping(..., strict=False)` to skip those epochs.",
                 )
+
+    @override
+    def validate(self, pl_module: LightningModule, data: ProbeSet) -> None:
+        # resolves the intervention points on two samples: layers called more than once,
+        # points shared by two layers or a model output without `output_fn` fail here
+        trace_model(pl_module, data.inputs[:2], self.layers, self.follow_activation, self.output_fn)
 
     # ------------------------------------------------------------------ Lightning hooks
     @override

@@ -19,6 +19,7 @@ from lightning_probes.callbacks.base import ProbeCallback
 from lightning_probes.core.ablation import AblationValue, default_ablation_layers
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import OutputFn, as_logits
+from lightning_probes.core.interventions import trace_model
 from lightning_probes.core.layers import check_layer_spec, select_layers
 from lightning_probes.core.selectivity import unit_ablation_impact, unit_activity
 from lightning_probes.functional.selectivity import (
@@ -112,6 +113,12 @@ class SelectivityCallback(ProbeCallback):
             default_ablation_layers(pl_module)
         else:
             select_layers(pl_module, self.layers)
+
+    @override
+    def validate(self, pl_module: LightningModule, data: ProbeSet) -> None:
+        # resolves the intervention points on two samples: layers called more than once,
+        # points shared by two layers or a model output without `output_fn` fail here
+        trace_model(pl_module, data.inputs[:2], self.layers, self.follow_activation, self.output_fn)
 
     @override
     def probe(self, trainer: Trainer, pl_module: LightningModule, data: ProbeSet) -> None:

@@ -21,7 +21,8 @@ explicitly, name that module (e.g. the ``ReLU``) in ``layers``, or pass
 samples once up to the first intervention point, whose output is expanded to ``m`` copies
 (batch ``m * n``, mask-major) and the remainder runs once on the expanded batch. Each pass
 takes as many masks as fit the memory budget (all of them if possible, fewer samples instead),
-since every pass re-runs the prefix. Two exact shortcuts avoid work per mask:
+since every pass re-runs the prefix. Two shortcuts, exact up to float rounding, avoid work
+per mask:
 
 - When the first point is consumed by a single ``Linear``/``Conv`` (checked on the autograd
   graph), that map is not re-run per mask:
