@@ -126,6 +126,15 @@ def parameters_and_optimizer_state(trainer: pl.Trainer, module: nn.Module) -> di
     return state
 
 
+@pytest.fixture(autouse=True)
+def exact_schedules(monkeypatch):
+    """Probes run at every scheduled step in tests (no wall-time budget), so that what is
+    logged where is deterministic; the budget itself is tested in test_budget.py."""
+    from lightning_probes.callbacks.base import ProbeCallback
+
+    monkeypatch.setattr(ProbeCallback, "default_max_overhead", None)
+
+
 @pytest.fixture
 def tiny_module() -> TinyClassifier:
     pl.seed_everything(0, verbose=False)

@@ -8,6 +8,7 @@ results go (:mod:`lightning_probes.logging`). A subclass implements :meth:`Probe
 
 from __future__ import annotations
 
+import time
 import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Literal
@@ -57,6 +58,12 @@ class ProbeCallback(Callback):
         batch_to_inputs_targets: ``batch -> (inputs, targets)`` for batches of other shapes.
         on_error: ``"warn"`` (default): a failing run is reported once with the probe's name
             and training continues; ``"raise"``: the error stops training.
+        max_overhead: Wall-time budget of this probe as a fraction of the rest of the run
+            (default :attr:`default_max_overhead`, 4%: six probes stay under 25%). A scheduled
+            run is skipped while the probe's time so far (including its fit-start work) exceeds
+            ``max_overhead`` times the time spent on everything else since training started;
+            skipped runs are counted and announced once. ``None`` runs at every scheduled step.
+            Under DDP the decision is rank zero's, broadcast, so ranks never diverge.
 
     Exactly one of ``every_n_steps``, ``every_n_epochs``, ``at_steps`` may be given; none
     means the subclass's :attr:`default_schedule`. Probes run during ``fit`` only, never in the
@@ -68,6 +75,7 @@ class ProbeCallback(Callback):
     needs_targets: ClassVar[bool] = False
     needs_class_targets: ClassVar[bool] = False
     default_schedule: ClassVar[dict[str, Any]] = {"every_n_steps": 50}
+    default_max_overhead: ClassVar[float | None] = 0.04
 
     def __init__(
         self,
@@ -81,6 +89,7 @@ class ProbeCallback(Callback):
         seed: int = 0,
         batch_to_inputs_targets: BatchToInputsTargets | None = None,
         on_error: OnError = "warn",
+        max_overhead: float | Literal["default"] | None = "default",
     ) -> None:
         self.schedule = ProbeSchedule.create(
             every_n_steps, every_n_epochs, at_steps, start_step, self.default_schedule
@@ -94,6 +103,17 @@ class ProbeCallback(Callback):
                 "Expected `batch_to_inputs_targets` to be a callable batch -> (inputs, targets), "
                 f"got {type(batch_to_inputs_targets).__name__}."
             )
+        if max_overhead == "default":
+            max_overhead = self.default_max_overhead
+        if max_overhead is not None and (
+            isinstance(max_overhead, bool)
+            or not isinstance(max_overhead, (int, float))
+            or not max_overhead > 0
+        ):
+            raise ValueError(
+                f"Expected `max_overhead` to be a fraction > 0 or None, got {max_overhead!r}."
+            )
+        self.max_overhead = max_overhead
         self.probe_data = probe_data
         self.probe_size = probe_size
         self.seed = seed
@@ -107,6 +127,9 @@ class ProbeCallback(Callback):
         self._seen_step = 0
         self._failures = 0
         self._warned: set[str] = set()
+        self._train_start = 0.0
+        self._probe_seconds = 0.0
+        self._over_budget_skips = 0
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -150,6 +173,14 @@ class ProbeCallback(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._seen_step = trainer.global_step
+        self._train_start = time.perf_counter()
+        self._probe_seconds = 0.0
+        try:
+            self._prepare(trainer, pl_module)
+        finally:
+            self._probe_seconds += time.perf_counter() - self._train_start
+
+    def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._probe_set is None:
             self._probe_set = self._draw_probe_set(trainer)
         self._probe_set = self._probe_set.to(pl_module.device)
@@ -184,6 +215,7 @@ class ProbeCallback(Callback):
             and not self._should_skip(trainer)
             and self.schedule.step_based
             and self.schedule.runs_at_step(step)
+            and self._within_budget(trainer)
         ):
             self._run(trainer, pl_module, on_step=True)
 
@@ -193,6 +225,7 @@ class ProbeCallback(Callback):
             not self._should_skip(trainer)
             and not self.schedule.step_based
             and self.schedule.runs_at_epoch_end(trainer.current_epoch, trainer.global_step)
+            and self._within_budget(trainer)
         ):
             self._run(trainer, pl_module, on_step=False)
 
@@ -263,6 +296,33 @@ class ProbeCallback(Callback):
         )
         return False
 
+    @property
+    def over_budget_skips(self) -> int:
+        """Scheduled runs skipped so far to stay within ``max_overhead``."""
+        return self._over_budget_skips
+
+    def _within_budget(self, trainer: Trainer) -> bool:
+        """Whether a scheduled run fits in ``max_overhead`` (rank zero decides for all ranks).
+
+        Call only at points every rank reaches together (scheduled steps): it may broadcast.
+        """
+        if self.max_overhead is None:
+            return True
+        elapsed = time.perf_counter() - self._train_start
+        fits = self._probe_seconds <= self.max_overhead * max(elapsed - self._probe_seconds, 0.0)
+        if trainer.world_size > 1:
+            fits = bool(trainer.strategy.broadcast(fits, src=0))
+        if not fits:
+            self._over_budget_skips += 1
+            self._warn_once(
+                "over-budget",
+                f"{type(self).__name__}: skipping scheduled runs to keep its cost within "
+                f"`max_overhead={self.max_overhead}` of the training time (it has used "
+                f"{self._probe_seconds:.1f} s so far). Raise `max_overhead`, or pass "
+                "`max_overhead=None` to run at every scheduled step.",
+            )
+        return fits
+
     def _warn_once(self, tag: str, message: str) -> None:
         if tag not in self._warned:
             self._warned.add(tag)
@@ -303,6 +363,7 @@ class ProbeCallback(Callback):
         assert self._probe_set is not None
         self._last_step = trainer.global_step
         self._on_step = on_step
+        started = time.perf_counter()
         try:
             if not all(torch.isfinite(p).all() for p in pl_module.parameters()):
                 raise NonFiniteValueError("the model's parameters are not finite")
@@ -331,3 +392,4 @@ class ProbeCallback(Callback):
             )
         finally:
             self._on_step = None
+            self._probe_seconds += time.perf_counter() - started

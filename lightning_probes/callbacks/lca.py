@@ -199,7 +199,11 @@ class LossContributionCallback(ProbeCallback):
     ) -> None:
         if self._pending or self._should_skip(trainer):
             return  # a second optimizer (or closure call) of this batch: θ_t is already held
-        if not self.instruments(trainer.global_step + 1):
+        if not self.instruments(trainer.global_step + 1) or (
+            # the budget is checked where a window starts (nothing cached to reuse), so a
+            # window that starts runs to its end with gradient reuse intact
+            self._cache is None and not self._within_budget(trainer)
+        ):
             self._release()
             return
         params = self._trainable(pl_module)

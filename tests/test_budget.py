@@ -1,0 +1,75 @@
+"""The wall-time budget (`max_overhead`): probes skip scheduled runs to stay within it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import pytorch_lightning as pl
+from conftest import TinyClassifier, make_loader, make_trainer
+
+from lightning_probes.callbacks.base import ProbeCallback
+
+
+class SlowProbe(ProbeCallback):
+    """Each run costs ``cost`` seconds of wall time."""
+
+    probe_name = "slow"
+    default_schedule = {"every_n_steps": 1}
+
+    def __init__(self, cost: float, **kwargs):
+        super().__init__(**kwargs)
+        self.cost = cost
+        self.steps: list[int] = []
+
+    def probe(self, trainer, pl_module, data):
+        self.steps.append(trainer.global_step)
+        time.sleep(self.cost)
+
+
+class SlowTraining(TinyClassifier):
+    """Each training step costs at least 20 ms, so the budget arithmetic is predictable."""
+
+    def training_step(self, batch, batch_idx):
+        time.sleep(0.02)
+        return super().training_step(batch, batch_idx)
+
+
+def _fit(tmp_path, probe, steps=40):
+    pl.seed_everything(0, verbose=False)
+    trainer = make_trainer(tmp_path, [probe], max_steps=steps)
+    start = time.perf_counter()
+    trainer.fit(SlowTraining(), make_loader(n=256))
+    return time.perf_counter() - start
+
+
+def test_budget_bounds_the_probe_share_of_wall_time(tmp_path):
+    probe = SlowProbe(cost=0.05, max_overhead=0.25)
+    with pytest.warns(
+        UserWarning, match=r"SlowProbe: skipping scheduled runs .* `max_overhead=0.25`"
+    ):
+        total = _fit(tmp_path, probe)
+    spent = len(probe.steps) * probe.cost
+    # a run starts only while under budget, so the probe exceeds it by at most one run
+    assert spent <= 0.25 * (total - spent) + probe.cost
+    assert 1 <= len(probe.steps) < 40 and probe.over_budget_skips == 40 - len(probe.steps)
+    assert probe.steps[0] == 1  # the first scheduled run happens
+
+
+def test_no_budget_runs_every_scheduled_step(tmp_path):
+    probe = SlowProbe(cost=0.05, max_overhead=None)
+    _fit(tmp_path, probe, steps=10)
+    assert probe.steps == list(range(1, 11)) and probe.over_budget_skips == 0
+
+
+def test_default_budget_is_the_class_default(monkeypatch):
+    monkeypatch.setattr(ProbeCallback, "default_max_overhead", 0.04)
+    assert SlowProbe(cost=0).max_overhead == 0.04
+    assert SlowProbe(cost=0, max_overhead=0.5).max_overhead == 0.5
+    assert SlowProbe(cost=0, max_overhead=None).max_overhead is None
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, "x", True])
+def test_invalid_budget(bad):
+    with pytest.raises(ValueError, match="Expected `max_overhead` to be a fraction > 0 or None"):
+        SlowProbe(cost=0, max_overhead=bad)
