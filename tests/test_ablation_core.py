@@ -308,7 +308,7 @@ def test_functional_counts_masks_area():
 def test_cnn_shortcut_paths_equal_naive_loop(padding_mode, path, monkeypatch):
     """Both ways of ablating through the conv after the first point (all units' contributions
     at once, or per newly ablated channel when those do not fit) match the naive loop."""
-    import lightning_probes.core.interventions as engine
+    import lightning_probes.core.interventions_fast as engine
 
     calls = []
     original = getattr(engine, path)
