@@ -18,7 +18,8 @@ inputs. Here the inputs come in blocks sized so one call's activations stay with
 ``memory_budget`` — cache-sized on CPU, where this is what pays off (the big batch spills the
 first layer's activations to memory) — and on GPU the networks of a chunk are stacked
 (``{name: (g, ...)}``) and evaluated together by :func:`torch.func.vmap` over
-:func:`torch.func.functional_call`, many small kernels becoming a few large ones.
+:func:`torch.func.functional_call`, many small kernels becoming a few large ones
+(:mod:`lightning_probes.core.nad_eval`).
 """
 
 from __future__ import annotations
@@ -29,12 +30,15 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
 
+from lightning_probes.core.nad_eval import _ChunkEvaluator
+from lightning_probes.core.nad_eval import (  # re-exported: `core.nad` is its public home
+    input_gradient_energy as input_gradient_energy,
+)
 from lightning_probes.functional.nad import SVDMethod, principal_axes
 
 Method = Literal["secant", "autograd"]
@@ -272,192 +276,10 @@ def fresh_network_factory(model: nn.Module) -> ModelFactory:
     return factory
 
 
-def input_gradient_energy(
-    model: nn.Module,
-    inputs: Tensor,
-    directions: Tensor,
-    *,
-    output_fn: Callable[[Any], Tensor] | None = None,
-    chunk_size: int = 256,
-) -> tuple[Tensor, Tensor]:
-    r"""How a (trained) network's input Jacobian distributes over a NAD basis.
-
-    .. math:: e_i = \frac{1}{n}\sum_{n}\sum_{c} \langle u_i, \nabla_x f_c(x_n)\rangle^2
-        = u_i^\top C u_i, \qquad C = \frac{1}{n}\sum_n J_n^\top J_n,
-
-    the input-gradient (uncentred) covariance :math:`C` seen along each NAD :math:`u_i`
-    (uncentred so that a linear model's constant gradient counts). With a complete basis
-    :math:`\sum_i e_i = \operatorname{tr} C`. Costs one backward pass per output.
-
-    Args:
-        model: The network, in the mode to evaluate (``eval()``: samples independent); its
-            parameters and their ``.grad`` are not touched.
-        inputs: ``(n, *input_shape)`` samples.
-        directions: ``(k, *input_shape)`` orthonormal NADs.
-        output_fn: Maps the model output to a ``(n, o)`` tensor (for dict/tuple outputs).
-        chunk_size: Samples per forward/backward pass.
-
-    Returns:
-        ``(energy (k,), total ())`` in float64, ``total`` = :math:`\operatorname{tr} C`.
-    """
-    u = directions.reshape(directions.shape[0], -1).detach()
-    energy = torch.zeros(u.shape[0], dtype=torch.float64, device=u.device)
-    total = torch.zeros((), dtype=torch.float64, device=u.device)
-    n = inputs.shape[0]
-    with torch.enable_grad():
-        for start in range(0, n, chunk_size):
-            x = inputs[start : start + chunk_size].detach().clone().requires_grad_(True)
-            out = model(x)
-            out = output_fn(out) if output_fn is not None else out
-            out = out.reshape(x.shape[0], -1)
-            for c in range(out.shape[1]):
-                (g,) = torch.autograd.grad(out[:, c].sum(), x, retain_graph=c + 1 < out.shape[1])
-                flat = g.reshape(x.shape[0], -1).double()
-                energy += (flat @ u.double().T).square().sum(0)
-                total += flat.square().sum()
-    return energy / n, total / n
-
-
-class _ChunkEvaluator:
-    """Gradients of a chunk of networks at ``x0``: one vmapped call per block of inputs."""
-
-    def __init__(
-        self,
-        template: nn.Module,
-        x0: Tensor,
-        method: Method,
-        step: float,
-        proj_seed: int,
-        device: torch.device | str | None,
-    ) -> None:
-        self.template = template.eval()
-        first = next(iter(template.parameters()), None)
-        self.device = torch.device(device) if device is not None else _device_of(template)
-        dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
-        self.template.to(self.device)
-        self.x0 = x0.to(self.device, dtype)
-        self.method, self.step = method, step
-        self.vectorize = True
-        sample_bytes, outputs = _activation_bytes(self.template, self.x0)
-        self.sample_bytes = sample_bytes
-        self.projection: Tensor | None = None
-        if outputs > 1:
-            gen = torch.Generator().manual_seed(proj_seed)
-            u = torch.randn(outputs, generator=gen, dtype=torch.float64)
-            self.projection = (u / u.norm()).to(self.device, dtype)
-        cuda = self.device.type == "cuda"
-        # CPU: one network per call on cache-sized blocks of inputs is fastest (vmap turns
-        # later convolutions into grouped ones, slower on CPU); GPU: many networks per call.
-        self.default_chunk_size = 128 if cuda else 1
-        self.default_budget = 2**30 if cuda else 2**25
-        self.block = 1
-
-    def plan(self, chunk_size: int, memory_budget: int | None) -> None:
-        """Choose the number of basis vectors (secant) per call from the memory budget."""
-        budget = memory_budget or self.default_budget
-        d = self.x0.numel()
-        self.block = max(1, min(d, budget // max(1, 2 * chunk_size * self.sample_bytes)))
-
-    def __call__(self, states: list[tuple[dict[str, Tensor], dict[str, Tensor]]]) -> Tensor:
-        params = {k: torch.stack([s[0][k] for s in states]).to(self.device) for k in states[0][0]}
-        buffers = {k: torch.stack([s[1][k] for s in states]).to(self.device) for k in states[0][1]}
-        if self.method == "autograd":
-            x = self.x0.expand(len(states), *self.x0.shape).clone().requires_grad_(True)
-            with torch.enable_grad():
-                y = self._scalar(self._forward(params, buffers, x.unsqueeze(1), batched_x=True))
-                (g,) = torch.autograd.grad(-y.sum(), x)
-            return g.reshape(len(states), -1).detach()
-        d = self.x0.numel()
-        flat = self.x0.reshape(1, d)
-        cols = []
-        with torch.no_grad():
-            for i0 in range(0, d, self.block):
-                idx = torch.arange(i0, min(d, i0 + self.block), device=self.device)
-                b = idx.numel()
-                x = flat.repeat(2 * b, 1)
-                rows = torch.arange(b, device=self.device)
-                x[rows, idx] += self.step
-                x[rows + b, idx] -= self.step
-                y = self._scalar(self._forward(params, buffers, x.reshape(2 * b, *self.x0.shape)))
-                # f = -net:  (f(x0 + h e_i) - f(x0 - h e_i)) / 2h
-                cols.append((y[:, b:] - y[:, :b]) / (2 * self.step))
-        return torch.cat(cols, dim=1)
-
-    def _scalar(self, out: Tensor) -> Tensor:
-        out = out.reshape(out.shape[0], out.shape[1], -1)
-        return out[..., 0] if self.projection is None else out @ self.projection
-
-    def _forward(
-        self,
-        params: dict[str, Tensor],
-        buffers: dict[str, Tensor],
-        x: Tensor,
-        batched_x: bool = False,
-    ) -> Tensor:
-        def call(p: dict[str, Tensor], b: dict[str, Tensor], xx: Tensor) -> Tensor:
-            return _as_tensor(functional_call(self.template, (p, b), (xx,)))
-
-        g = next(iter(params.values())).shape[0]
-        if g > 1 and self.vectorize:
-            try:
-                return vmap(call, in_dims=(0, 0, 0 if batched_x else None))(params, buffers, x)
-            except Exception as err:  # ops without a batching rule: fall back to a loop
-                self.vectorize = False
-                warnings.warn(
-                    f"NADs: evaluating the networks one at a time, since vmap failed "
-                    f"({type(err).__name__}: {err}).",
-                    stacklevel=4,
-                )
-        return torch.stack(
-            [
-                call(
-                    {k: v[j] for k, v in params.items()},
-                    {k: v[j] for k, v in buffers.items()},
-                    x[j] if batched_x else x,
-                )
-                for j in range(g)
-            ]
-        )
-
-
-def _as_tensor(out: Any) -> Tensor:
-    if not isinstance(out, Tensor):
-        raise TypeError(
-            f"Expected the network to return a Tensor, got {type(out).__name__}. Wrap it so "
-            "`model_factory()` returns a module with a tensor output."
-        )
-    return out
-
-
 def _state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     model.eval()
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     return params, {k: v.detach().clone() for k, v in model.named_buffers()}
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for t in [*model.parameters(), *model.buffers()]:
-        return t.device
-    return torch.device("cpu")
-
-
-def _activation_bytes(model: nn.Module, x0: Tensor) -> tuple[int, int]:
-    """(bytes of activations for one input, estimated, number of outputs)."""
-    sizes: list[int] = []
-
-    def hook(module: nn.Module, args: Any, out: Any) -> None:
-        if isinstance(out, Tensor):
-            sizes.append(out.numel() * out.element_size())
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    try:
-        with torch.no_grad():
-            out = _as_tensor(model(x0.unsqueeze(0)))
-    finally:
-        for h in handles:
-            h.remove()
-    # x3: functional ops (relu, pooling) between modules are not seen by hooks
-    return 3 * (sum(sizes) + x0.numel() * x0.element_size()), out[0].numel()
 
 
 def _generator_from_global_rng() -> torch.Generator:
