@@ -50,8 +50,9 @@ def test_budget_bounds_the_probe_share_of_wall_time(tmp_path):
     ):
         total = _fit(tmp_path, probe)
     spent = len(probe.steps) * probe.cost
-    # a run starts only while under budget, so the probe exceeds it by at most one run
-    assert spent <= 0.25 * (total - spent) + probe.cost
+    # runs after the first are predicted from the last one's cost: within the budget, up to
+    # timing jitter (the first run's cost is not predicted)
+    assert spent <= 0.25 * (total - spent) + 0.5 * probe.cost
     assert 1 <= len(probe.steps) < 40 and probe.over_budget_skips == 40 - len(probe.steps)
     assert probe.steps[0] == 1  # the first scheduled run happens
 

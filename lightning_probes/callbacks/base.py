@@ -62,7 +62,10 @@ class ProbeCallback(Callback):
             (default :attr:`default_max_overhead`, 4%: six probes stay under 25%). A scheduled
             run is skipped while the probe's time so far (including its fit-start work) exceeds
             ``max_overhead`` times the time spent on everything else since training started;
-            skipped runs are counted and announced once. ``None`` runs at every scheduled step.
+            A run is started only if, at the cost of the previous run, the probe stays within
+            budget; skipped runs are counted and announced once. The first run is not predicted
+            (its cost is unknown), so on a run much shorter than one probe run the first run
+            alone can exceed the budget. ``None`` runs at every scheduled step.
             Under DDP the decision is rank zero's, broadcast, so ranks never diverge.
 
     Exactly one of ``every_n_steps``, ``every_n_epochs``, ``at_steps`` may be given; none
@@ -129,6 +132,7 @@ class ProbeCallback(Callback):
         self._warned: set[str] = set()
         self._train_start = 0.0
         self._probe_seconds = 0.0
+        self._last_run_seconds = 0.0
         self._over_budget_skips = 0
 
     # ------------------------------------------------------------------ configuration
@@ -309,7 +313,9 @@ class ProbeCallback(Callback):
         if self.max_overhead is None:
             return True
         elapsed = time.perf_counter() - self._train_start
-        fits = self._probe_seconds <= self.max_overhead * max(elapsed - self._probe_seconds, 0.0)
+        # predicted: a run is started only if, at the cost of the last one, it stays in budget
+        spent = self._probe_seconds + self._last_run_seconds
+        fits = spent <= self.max_overhead * max(elapsed - self._probe_seconds, 0.0)
         if trainer.world_size > 1:
             fits = bool(trainer.strategy.broadcast(fits, src=0))
         if not fits:
@@ -392,4 +398,5 @@ class ProbeCallback(Callback):
             )
         finally:
             self._on_step = None
-            self._probe_seconds += time.perf_counter() - started
+            self._last_run_seconds = time.perf_counter() - started
+            self._probe_seconds += self._last_run_seconds
