@@ -74,3 +74,13 @@ def test_default_budget_is_the_class_default(monkeypatch):
 def test_invalid_budget(bad):
     with pytest.raises(ValueError, match="Expected `max_overhead` to be a fraction > 0 or None"):
         SlowProbe(cost=0, max_overhead=bad)
+
+
+def test_lca_every_step_schedule_honours_the_budget(tmp_path):
+    from lightning_probes import LossContributionCallback
+
+    lca = LossContributionCallback(probe_size=32, max_overhead=1e-9)
+    pl.seed_everything(0, verbose=False)
+    make_trainer(tmp_path, [lca], max_steps=8).fit(TinyClassifier(), make_loader())
+    # the first allocation is not predicted; every later step is over the tiny budget
+    assert len(lca.history) == 1 and lca.over_budget_skips == 7

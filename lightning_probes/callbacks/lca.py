@@ -199,11 +199,8 @@ class LossContributionCallback(ProbeCallback):
     ) -> None:
         if self._pending or self._should_skip(trainer):
             return  # a second optimizer (or closure call) of this batch: θ_t is already held
-        if not self.instruments(trainer.global_step + 1) or (
-            # the budget is checked where a window starts (nothing cached to reuse), so a
-            # window that starts runs to its end with gradient reuse intact
-            self._cache is None and not self._within_budget(trainer)
-        ):
+        # over budget, the window ends here (the next allocation starts cold, 3 evaluations)
+        if not self.instruments(trainer.global_step + 1) or not self._within_budget(trainer):
             self._release()
             return
         params = self._trainable(pl_module)
