@@ -76,7 +76,11 @@ def main() -> None:
     x, y = load_mnist1d()
     loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
     model = DeepMLP()
-    cka = LayerCKACallback(probe_size=args.probe_size, every_n_steps=args.every)
+    cka = LayerCKACallback(
+        probe_size=args.probe_size,
+        every_n_steps=args.every,
+        max_overhead=None,  # every run
+    )
     trainer = pl.Trainer(
         max_steps=args.steps, accelerator="cpu", logger=TensorBoardLogger(str(out), name="cka"),
         callbacks=[cka], enable_checkpointing=False, enable_progress_bar=False,

@@ -71,7 +71,11 @@ def main() -> None:
 
     # the authors' setting: every step, the whole training set as the LCA set (in chunks)
     lca = LossContributionCallback(
-        method=args.method, every_n_steps=1, probe_data=(x, y), chunk_size=1600
+        method=args.method,
+        every_n_steps=1,
+        probe_data=(x, y),
+        chunk_size=1600,
+        max_overhead=None,  # the paper: every step, whatever it costs
     )
     trainer = pl.Trainer(
         max_epochs=args.epochs,

@@ -195,6 +195,7 @@ def real_network() -> dict[str, Any]:
         hessian_top_k=12,
         keep_checkpoints=3,
         checkpoint_every_n_runs=2,
+        max_overhead=None,  # every scheduled run
     )
     collect = Collect()
     trainer = pl.Trainer(
