@@ -216,8 +216,9 @@ def memory(args: argparse.Namespace) -> None:
         print(f"{label:40s} {copies:6.2f}")
     print(
         "LCA's peak = θ_t + cumulative LC (state) + accumulator (the kept gradient, reused in "
-        "place) + evaluation point + one plain gradient evaluation (2 copies in "
-        "core.evaluation today: its accumulator and the chunk's gradient)."
+        "place) + evaluation point + the gradient at that point (core.evaluation accumulates "
+        "it in place: one copy). Without the cumulative state, which is the result kept "
+        "across steps, the computation itself holds 4."
     )
 
 
