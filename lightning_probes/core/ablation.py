@@ -20,7 +20,7 @@ from lightning_probes.core.interventions import (
     CONV_TYPES,
     AblationPoint,
     Layers,
-    Masks,
+    build_masks,
     evaluate_interventions,
     has_module_of_type,
     point_statistics,
@@ -205,14 +205,7 @@ def ablation_curve(
     )
     keep = cumulative_keep_masks(orderings, counts).flatten(0, 1)  # [r*k, U], ordering-major
     unique, inverse = _dedupe(keep)
-    values: list[Tensor | None] = [None] * len(sizes)
-    if value == "mean":
-        values = list(point_statistics(model, inputs, trace)[0])
-    masks = Masks(
-        [u.to(inputs.device) for u in unique.split(sizes, dim=1)],
-        values,
-        [p.unit_dim for p in trace.points],
-    )
+    masks = build_masks(model, inputs, trace, unique, value)
     acc, _ = evaluate_interventions(
         model,
         inputs,

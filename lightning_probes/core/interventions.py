@@ -239,6 +239,29 @@ class Masks:
         return torch.where(keep.unsqueeze(1), h, 0.0 if value is None else value)
 
 
+def build_masks(
+    model: nn.Module, inputs: Tensor, trace: Trace, keep: Tensor, value: str = "zero"
+) -> Masks:
+    """:class:`Masks` from one ``[M, U]`` keep matrix over all units of ``trace``'s points.
+
+    Args:
+        model: The network (for the unit means when ``value="mean"``).
+        inputs: The probe inputs ``[n, ...]``.
+        trace: The traced ablation points (their units, in order, make the ``U`` columns).
+        keep: ``[M, U]`` bool, ``True`` where a unit is kept in mask ``m``.
+        value: ``"zero"`` clamps ablated units to 0, ``"mean"`` to their mean on ``inputs``.
+    """
+    sizes = [p.num_units for p in trace.points]
+    values: list[Tensor | None] = [None] * len(sizes)
+    if value == "mean":
+        values = list(point_statistics(model, inputs, trace)[0])
+    return Masks(
+        [k.to(inputs.device) for k in keep.split(sizes, dim=1)],
+        values,
+        [p.unit_dim for p in trace.points],
+    )
+
+
 def _all_finite(t: Tensor) -> bool:
     """Whether every element is finite, in one pass without a boolean copy.
 

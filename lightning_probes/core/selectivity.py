@@ -18,9 +18,8 @@ from lightning_probes.core.evaluation import OutputFn
 from lightning_probes.core.hooks import capture
 from lightning_probes.core.interventions import (
     Layers,
-    Masks,
+    build_masks,
     evaluate_interventions,
-    point_statistics,
     trace_model,
 )
 from lightning_probes.functional.selectivity import (
@@ -179,14 +178,7 @@ def unit_ablation_impact(
     total = sum(sizes)
     keep = torch.ones(total + 1, total, dtype=torch.bool)
     keep[1:].fill_diagonal_(False)  # row 0: intact; row 1 + j: unit j ablated
-    values: list[Tensor | None] = [None] * len(sizes)
-    if value == "mean":
-        values = list(point_statistics(model, inputs, trace)[0])
-    masks = Masks(
-        [k.to(inputs.device) for k in keep.split(sizes, dim=1)],
-        values,
-        [p.unit_dim for p in trace.points],
-    )
+    masks = build_masks(model, inputs, trace, keep, value)
     _, loss = evaluate_interventions(
         model,
         inputs,
