@@ -16,6 +16,7 @@ and since the centred labels satisfy :math:`H\tilde y = \tilde y`,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +28,7 @@ from lightning_probes.core.kernels import KernelMethod, Layers, tangent_kernel_f
 from lightning_probes.core.kernels_factors import LayerFactors, sample_spans
 from lightning_probes.functional.alignment import (
     Centering,
-    center_kernel,
     centered_labels,
-    spectral_norm_symmetric,
 )
 
 
@@ -87,12 +86,13 @@ def kernel_statistics(
     trace = torch.zeros((), dtype=f64, device=y.device)
     rows = torch.zeros(n, o, o, dtype=f64, device=y.device)  # rows[i,c,d] = Σ_j K[i,c,j,d]
     whole: Tensor | None = None
+    whole64: Tensor | None = None
     for a, r in enumerate(spans):
         for s in spans[a:]:
             raw = factors.block(r, s)
-            if len(spans) == 1:
-                whole = raw
             blk = raw.to(f64).view(r.stop - r.start, o, s.stop - s.start, o)
+            if len(spans) == 1:
+                whole, whole64 = raw, blk.view(n * o, n * o)
             twice = 1.0 if r == s else 2.0
             sq += twice * blk.square().sum()
             quad += twice * torch.einsum("ic,icjd,jd->", y[r], blk, y[s])
@@ -111,10 +111,10 @@ def kernel_statistics(
     alignment = quad / (frob * y.square().sum())
     rank = torch.tensor(float("nan"), dtype=f64, device=y.device)
     if stable_rank:
-        if whole is not None:
-            top = spectral_norm_symmetric(center_kernel(whole.to(f64), o, centering))
+        if whole64 is not None:
+            top = _top_eigenvalue(whole64.__matmul__, n, o, centering, y.device)
         else:
-            top = _streamed_top_eigenvalue(factors, spans, o, centering)
+            top = _top_eigenvalue(_streamed_matmul(factors, spans, o), n, o, centering, y.device)
         rank = frob2 / top**2
     return KernelStatistics(alignment, frob, trace, quad, rank, whole if keep_kernel else None)
 
@@ -177,14 +177,42 @@ def factors_device(factors: LayerFactors) -> torch.device:
     return factors.block(slice(0, 1), slice(0, 1)).device
 
 
-def _streamed_top_eigenvalue(
-    factors: LayerFactors, spans: list[slice], o: int, centering: Centering, iters: int = 60
+def _streamed_matmul(
+    factors: LayerFactors, spans: list[slice], o: int
+) -> Callable[[Tensor], Tensor]:
+    """``u -> K u`` streaming the kernel's blocks (never holding ``K``)."""
+
+    def matmul(u: Tensor) -> Tensor:
+        w = torch.zeros_like(u)
+        for a, r in enumerate(spans):
+            for s in spans[a:]:
+                blk = factors.block(r, s).to(torch.float64)
+                w[r.start * o : r.stop * o] += blk @ u[s.start * o : s.stop * o]
+                if r != s:
+                    w[s.start * o : s.stop * o] += blk.T @ u[r.start * o : r.stop * o]
+        return w
+
+    return matmul
+
+
+def _top_eigenvalue(
+    matmul: Callable[[Tensor], Tensor],
+    n: int,
+    o: int,
+    centering: Centering,
+    device: torch.device,
+    iters: int = 300,
+    block: int = 8,
+    tol: float = 1e-10,
 ) -> Tensor:
-    """Top eigenvalue of :math:`K_c` by block subspace iteration with streamed products."""
-    n = factors.num_samples
-    device = factors_device(factors)
+    """Top eigenvalue of :math:`K_c` by block subspace iteration, centring implicitly.
+
+    :math:`K_c u = C K C u` with :math:`C` the centring projector, so ``K_c`` is never formed.
+    """
     gen = torch.Generator().manual_seed(0)
-    v = torch.linalg.qr(torch.randn(n * o, 4, generator=gen, dtype=torch.float64)).Q.to(device)
+    size = min(block, n * o)
+    v = torch.randn(n * o, size, generator=gen, dtype=torch.float64)
+    v = torch.linalg.qr(v).Q.to(device)
 
     def center(m: Tensor) -> Tensor:
         if centering == "full":
@@ -195,17 +223,10 @@ def _streamed_top_eigenvalue(
     last = torch.zeros((), dtype=torch.float64, device=device)
     top = last
     for _ in range(iters):
-        u, w = center(v), torch.zeros_like(v)
-        for a, r in enumerate(spans):
-            for s in spans[a:]:
-                blk = factors.block(r, s).to(torch.float64)
-                w[r.start * o : r.stop * o] += blk @ u[s.start * o : s.stop * o]
-                if r != s:
-                    w[s.start * o : s.stop * o] += blk.T @ u[r.start * o : r.stop * o]
-        w = center(w)
+        w = center(matmul(center(v)))
         top = torch.linalg.eigvalsh(v.T @ w).abs().max()
         v = torch.linalg.qr(w).Q
-        if (top - last).abs() <= 1e-9 * top:
+        if (top - last).abs() <= tol * top:
             break
         last = top
     return top
