@@ -29,17 +29,25 @@ from lightning_probes import (
 
 # name -> factory of each probe as the quickstart attaches it (cheap settings for a CPU demo).
 # benchmarks/bench_overhead.py times the same run with each of these alone and all together.
+# The demo shows every scheduled run of every probe (max_overhead=None: no wall-time budget),
+# at settings chosen to keep it cheap.
 QUICKSTART_PROBES: dict[str, Callable[[], pl.Callback]] = {
     "LossContributionCallback": lambda: LossContributionCallback(
-        method="simpson", every_n_steps=50, window=4, probe_size=256
+        method="simpson", every_n_steps=50, window=4, probe_size=256, max_overhead=None
     ),
     "AblationAUCCallback": lambda: AblationAUCCallback(
-        num_orderings=5, num_points=11, probe_size=256
+        num_orderings=5, num_points=11, probe_size=256, max_overhead=None
     ),
-    "SelectivityCallback": lambda: SelectivityCallback(probe_size=256, importance=True),
-    "LayerCKACallback": lambda: LayerCKACallback(every_n_steps=50, probe_size=128),
-    "NADCallback": lambda: NADCallback(num_networks=1000, every_n_steps=100),
-    "LandscapeCallback": lambda: LandscapeCallback(every_n_steps=50, plane_every_n_runs=2),
+    "SelectivityCallback": lambda: SelectivityCallback(
+        probe_size=256, importance=True, max_overhead=None
+    ),
+    "LayerCKACallback": lambda: LayerCKACallback(
+        every_n_steps=50, probe_size=128, max_overhead=None
+    ),
+    "NADCallback": lambda: NADCallback(num_networks=1000, every_n_steps=100, max_overhead=None),
+    "LandscapeCallback": lambda: LandscapeCallback(
+        every_n_steps=50, plane_every_n_runs=2, max_overhead=None
+    ),
 }
 
 
