@@ -192,7 +192,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small n, one repeat")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cases", default="mlp,cnn", help="comma-separated: mlp, cnn")
     args = parser.parse_args()
+    cases = set(args.cases.split(","))
     try:
         import nngeometry  # noqa: F401
     except ImportError:
@@ -202,14 +204,16 @@ def main() -> None:
     n_mlp = 64 if args.quick else 256
     repeats = 1 if args.quick else args.repeats
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    run_case(
-        "MLP 784-512-512-10", "mlp", n_mlp, repeats, naive_repeats=1,
-        targets={"naive": 100, "nngeometry": 5, "memory": 10},
-    )  # fmt: skip
-    run_case(
-        "CIFAR-shaped CNN, 4 conv layers", "cnn", 16 if args.quick else 64, repeats,
-        naive_repeats=repeats, targets={"naive": 3, "nngeometry": 3},
-    )  # fmt: skip
+    if "mlp" in cases:
+        run_case(
+            "MLP 784-512-512-10", "mlp", n_mlp, repeats, naive_repeats=1,
+            targets={"naive": 100, "nngeometry": 5, "memory": 10},
+        )  # fmt: skip
+    if "cnn" in cases:
+        run_case(
+            "CIFAR-shaped CNN, 4 conv layers", "cnn", 16 if args.quick else 64, repeats,
+            naive_repeats=repeats, targets={"naive": 3, "nngeometry": 3},
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -31,6 +31,13 @@ from torch import Tensor, nn
 Method = str  # "gram" | "jacobian"
 
 
+GRAM_SLOWDOWN = 4.0
+"""Time per multiply-add of the position-pair Gram einsum relative to the dense GEMM of the
+per-sample-gradient path (measured on CPU: at equal counts the Gram contraction was ~2-4x
+slower, e.g. the 4-conv CIFAR-shaped CNN of ``benchmarks/bench_kernels.py``, n=64: "auto"
+without this factor chose Gram for its last conv and took 0.62 s, against 0.29 s)."""
+
+
 @dataclass
 class AffineFactors:
     """Factors of a Linear/Conv layer's kernel.
@@ -50,7 +57,8 @@ class AffineFactors:
 
     def __post_init__(self) -> None:
         if self.method == "auto":
-            self.method = "gram" if self.gram_cost() <= self.jacobian_cost() else "jacobian"
+            gram = GRAM_SLOWDOWN * self.gram_cost()
+            self.method = "gram" if gram <= self.jacobian_cost() else "jacobian"
 
     @property
     def num_samples(self) -> int:
