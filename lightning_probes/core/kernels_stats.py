@@ -29,6 +29,7 @@ from lightning_probes.core.kernels_factors import LayerFactors, sample_spans
 from lightning_probes.functional.alignment import (
     Centering,
     centered_labels,
+    top_abs_eigenvalue,
 )
 
 
@@ -209,10 +210,6 @@ def _top_eigenvalue(
 
     :math:`K_c u = C K C u` with :math:`C` the centring projector, so ``K_c`` is never formed.
     """
-    gen = torch.Generator().manual_seed(0)
-    size = min(block, n * o)
-    v = torch.randn(n * o, size, generator=gen, dtype=torch.float64)
-    v = torch.linalg.qr(v).Q.to(device)
 
     def center(m: Tensor) -> Tensor:
         if centering == "full":
@@ -220,13 +217,12 @@ def _top_eigenvalue(
         m3 = m.view(n, o, -1)
         return (m3 - m3.mean(0, keepdim=True)).view(n * o, -1)
 
-    last = torch.zeros((), dtype=torch.float64, device=device)
-    top = last
-    for _ in range(iters):
-        w = center(matmul(center(v)))
-        top = torch.linalg.eigvalsh(v.T @ w).abs().max()
-        v = torch.linalg.qr(w).Q
-        if (top - last).abs() <= tol * top:
-            break
-        last = top
-    return top
+    return top_abs_eigenvalue(
+        lambda u: center(matmul(center(u))),
+        n * o,
+        dtype=torch.float64,
+        device=device,
+        block=block,
+        tol=tol,
+        max_iter=iters,
+    )

@@ -17,6 +17,7 @@ Index convention (stated once): a kernel over ``n`` samples and ``o`` outputs is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -224,15 +225,35 @@ def spectral_norm_symmetric(
     n = matrix.shape[0]
     if n <= exact_below:
         return torch.linalg.eigvalsh(matrix).abs().max()
+    return top_abs_eigenvalue(
+        matrix.__matmul__, n, dtype=matrix.dtype, device=matrix.device, tol=tol, max_iter=max_iter
+    )
+
+
+def top_abs_eigenvalue(
+    matmul: Callable[[Tensor], Tensor],
+    size: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    block: int = 8,
+    tol: float = 1e-7,
+    max_iter: int = 300,
+) -> Tensor:
+    """Largest absolute eigenvalue of a symmetric operator ``u -> M u`` (``[size, k]`` blocks).
+
+    Block subspace iteration with Rayleigh-Ritz (``block`` vectors, seeded), stopped when the
+    top Ritz value changes by at most ``tol`` relative. Only products with ``M`` are needed, so
+    ``M`` may be implicit (e.g. a centred kernel, or one streamed in blocks).
+    """
     generator = torch.Generator(device="cpu").manual_seed(0)
-    k = min(8, n)
-    v = torch.randn(n, k, generator=generator, dtype=matrix.dtype).to(matrix.device)
+    v = torch.randn(size, min(block, size), generator=generator, dtype=dtype).to(device)
     v = torch.linalg.qr(v).Q
-    last = torch.zeros((), dtype=matrix.dtype, device=matrix.device)
+    last = torch.zeros((), dtype=dtype, device=device)
+    top = last
     for _ in range(max_iter):
-        w = matrix @ v
-        ritz = torch.linalg.eigvalsh(v.T @ w)
-        top = ritz.abs().max()
+        w = matmul(v)
+        top = torch.linalg.eigvalsh(v.T @ w).abs().max()
         v = torch.linalg.qr(w).Q
         if (top - last).abs() <= tol * top:
             break
