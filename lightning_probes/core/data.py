@@ -162,7 +162,7 @@ def _cat_probe_sets(parts: list[ProbeSet], size: int | None) -> ProbeSet:
     inputs = _cat([p.inputs for p in parts])
     targets = None if parts[0].targets is None else torch.cat([p.targets for p in parts])  # type: ignore[misc]
     if size is not None:
-        inputs = _slice(inputs, size)
+        inputs = slice_rows(inputs, 0, size)
         targets = None if targets is None else targets[:size]
     return ProbeSet(inputs, targets)
 
@@ -178,12 +178,19 @@ def _cat(values: list[Any]) -> Any:
     raise TypeError(f"Expected probe inputs made of tensors, got {type(first).__name__}.")
 
 
-def _slice(value: Any, size: int) -> Any:
+def slice_rows(value: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of every tensor in ``value`` (a tensor, or a dict/tuple/list of them).
+
+    Raises:
+        TypeError: If ``value`` holds something other than tensors, dicts, tuples and lists.
+    """
     if isinstance(value, Tensor):
-        return value[:size]
+        return value[start:stop]
     if isinstance(value, Mapping):
-        return {k: _slice(v, size) for k, v in value.items()}
-    return type(value)(_slice(v, size) for v in value)
+        return {k: slice_rows(v, start, stop) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(slice_rows(v, start, stop) for v in value)
+    raise TypeError(f"Expected probe inputs made of tensors, got {type(value).__name__}.")
 
 
 def _to_device(value: Any, device: torch.device) -> Any:

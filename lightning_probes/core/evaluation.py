@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_probes.core.data import ProbeSet
+from lightning_probes.core.data import ProbeSet, slice_rows
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """``(outputs [n, ...], targets [n, ...]) -> mean loss over the n samples`` (a scalar)."""
@@ -71,7 +71,7 @@ def chunks(data: ProbeSet, chunk_size: int | None) -> list[tuple[Any, Tensor | N
     out = []
     for start in range(0, n, size):
         stop = min(n, start + size)
-        inputs = _slice_range(data.inputs, start, stop)
+        inputs = slice_rows(data.inputs, start, stop)
         targets = None if data.targets is None else data.targets[start:stop]
         out.append((inputs, targets, stop - start))
     return out
@@ -164,16 +164,6 @@ def call_model(model: nn.Module, params: Mapping[str, Tensor] | None, inputs: An
     if params is None:
         return model(*args)
     return functional_call(model, dict(params), args, strict=False)
-
-
-def _slice_range(value: Any, start: int, stop: int) -> Any:
-    if isinstance(value, Tensor):
-        return value[start:stop]
-    if isinstance(value, Mapping):
-        return {k: _slice_range(v, start, stop) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_slice_range(v, start, stop) for v in value)
-    raise TypeError(f"Expected probe inputs made of tensors, got {type(value).__name__}.")
 
 
 def _device(params: Mapping[str, Tensor]) -> torch.device:

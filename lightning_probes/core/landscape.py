@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from lightning_probes.core.data import ProbeSet
+from lightning_probes.core.data import ProbeSet, slice_rows
 from lightning_probes.core.evaluation import LossFn, OutputFn, chunks, probe_loss
 from lightning_probes.functional.landscape import OneDimPolicy, filter_normalize
 
@@ -289,7 +289,7 @@ def _activations_per_sample(model: nn.Module, inputs: Any) -> int:
         if isinstance(output, Tensor):
             total[0] += output[:1].numel() if output.ndim else 1
 
-    one = _first_rows(inputs)
+    one = slice_rows(inputs, 0, 1)
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:
         with torch.no_grad():
@@ -298,11 +298,3 @@ def _activations_per_sample(model: nn.Module, inputs: Any) -> int:
         for h in handles:
             h.remove()
     return max(total[0], 1)
-
-
-def _first_rows(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value[:1]
-    if isinstance(value, Mapping):
-        return {k: _first_rows(v) for k, v in value.items()}
-    return type(value)(_first_rows(v) for v in value)
