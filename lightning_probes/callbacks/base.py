@@ -371,7 +371,7 @@ class ProbeCallback(Callback):
         self._on_step = on_step
         started = time.perf_counter()
         try:
-            if not all(torch.isfinite(p).all() for p in pl_module.parameters()):
+            if not _all_finite(pl_module.parameters()):
                 raise NonFiniteValueError("the model's parameters are not finite")
             with isolated(pl_module, grad=self.needs_grad):
                 self.probe(trainer, pl_module, self._probe_set)
@@ -400,3 +400,12 @@ class ProbeCallback(Callback):
             self._on_step = None
             self._last_run_seconds = time.perf_counter() - started
             self._probe_seconds += self._last_run_seconds
+
+
+def _all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every element of every tensor is finite, with a single host synchronisation."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    if not flags:
+        return True
+    device = flags[0].device  # parameters may live on several devices (model parallel)
+    return bool(torch.stack([f.to(device) for f in flags]).all())
