@@ -16,6 +16,7 @@ from lightning_probes.functional.alignment import (
     centered_kernel_alignment,
     kernel_label_alignment,
     stable_rank,
+    top_abs_eigenvalue,
 )
 
 
@@ -193,3 +194,22 @@ def test_hutchinson_frobenius_is_unbiased_and_converges():
     assert np.mean(errors[256]) < np.mean(errors[8])
     with pytest.raises(ValueError, match="Expected `num_probes` to be an int >= 2, got 1"):
         estimate_layer_alignments(net, x, y, num_probes=1)
+
+
+@pytest.mark.parametrize(
+    ("spectrum", "block"),
+    [
+        (np.r_[-5.0, np.linspace(4.9, 0.0, 299)], 8),  # top |λ| is negative, tiny gap
+        (np.r_[3.0, 2.0, 1.0, np.zeros(197)], 8),  # rank 3 < block: invariant subspace
+        (np.linspace(1.0, 0.5, 40), 64),  # block larger than the matrix
+    ],
+)
+def test_top_abs_eigenvalue_matches_eigvalsh(spectrum, block):
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((spectrum.size, spectrum.size)))
+    m = torch.from_numpy((q * spectrum) @ q.T)
+    got = top_abs_eigenvalue(
+        m.__matmul__, m.shape[0], dtype=m.dtype, device=m.device, block=block, tol=1e-13
+    )
+    want = np.abs(np.linalg.eigvalsh(m.numpy())).max()
+    np.testing.assert_allclose(float(got), want, rtol=1e-10)

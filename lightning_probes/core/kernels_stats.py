@@ -87,19 +87,19 @@ def kernel_statistics(
     trace = torch.zeros((), dtype=f64, device=y.device)
     rows = torch.zeros(n, o, o, dtype=f64, device=y.device)  # rows[i,c,d] = Σ_j K[i,c,j,d]
     whole: Tensor | None = None
-    whole64: Tensor | None = None
     for a, r in enumerate(spans):
         for s in spans[a:]:
             raw = factors.block(r, s)
             blk = raw.to(f64).view(r.stop - r.start, o, s.stop - s.start, o)
             if len(spans) == 1:
-                whole, whole64 = raw, blk.view(n * o, n * o)
+                whole = raw
             twice = 1.0 if r == s else 2.0
             sq += twice * blk.square().sum()
-            quad += twice * torch.einsum("ic,icjd,jd->", y[r], blk, y[s])
+            size_r, size_s = (r.stop - r.start) * o, (s.stop - s.start) * o
+            quad += twice * (blk.view(size_r, size_s) @ y[s].reshape(-1)) @ y[r].reshape(-1)
             rows[r] += blk.sum(2)
             if r == s:
-                trace += torch.diagonal(raw.to(f64)).sum()
+                trace += torch.diagonal(raw).to(f64).sum()
             else:
                 rows[s] += blk.sum(0).permute(1, 2, 0)
     if centering == "samples":
@@ -112,8 +112,11 @@ def kernel_statistics(
     alignment = quad / (frob * y.square().sum())
     rank = torch.tensor(float("nan"), dtype=f64, device=y.device)
     if stable_rank:
-        if whole64 is not None:
-            top = _top_eigenvalue(whole64.__matmul__, n, o, centering, y.device)
+        if whole is not None:
+            # in the kernel's own dtype: a float32 kernel's eigenvalues are float32-accurate
+            # anyway, and its products cost half
+            top = _top_eigenvalue(_native_matmul(whole), n, o, centering, y.device,
+                                  tol=_eigen_tol(whole.dtype))  # fmt: skip
         else:
             top = _top_eigenvalue(_streamed_matmul(factors, spans, o), n, o, centering, y.device)
         rank = frob2 / top**2
@@ -194,6 +197,16 @@ def _streamed_matmul(
         return w
 
     return matmul
+
+
+def _native_matmul(kernel: Tensor) -> Callable[[Tensor], Tensor]:
+    """``u -> K u`` computed in the kernel's dtype, returned in ``u``'s."""
+    return lambda u: (kernel @ u.to(kernel.dtype)).to(u.dtype)
+
+
+def _eigen_tol(dtype: torch.dtype) -> float:
+    """Relative tolerance of the top eigenvalue: 1e-10, or 10 ulps of a lower-precision kernel."""
+    return max(1e-10, 10 * torch.finfo(dtype).eps)
 
 
 def _top_eigenvalue(
