@@ -17,11 +17,19 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+
+from lightning_probes.core.nad_first_layer import (
+    FirstLayer,
+    LocalPrefix,
+    find_first_layer,
+    find_local_prefix,
+)
 
 if TYPE_CHECKING:
     from lightning_probes.core.nad import Method
@@ -106,6 +114,18 @@ class _ChunkEvaluator:
         self.default_chunk_size = 128 if cuda else 1
         self.default_budget = 2**30 if cuda else 2**25
         self.block = 1
+        # a linear first layer applied to the input alone: its outputs on the secant inputs
+        # are built from its weights instead of evaluated (`core.nad_first_layer`)
+        self.first: FirstLayer | LocalPrefix | None = None
+        self.tail_names: set[str] = set()
+        if method == "secant":
+            self.first = find_local_prefix(self.template, self.x0, step)
+            if self.first is not None:
+                tail = self.first.tail
+                self.tail_names = {n for n, _ in tail.named_parameters()}
+                self.tail_names |= {n for n, _ in tail.named_buffers()}
+            else:
+                self.first = find_first_layer(self.template, self.x0, step)
 
     def plan(self, chunk_size: int, memory_budget: int | None) -> None:
         """Choose the number of basis vectors (secant) per call from the memory budget."""
@@ -127,13 +147,26 @@ class _ChunkEvaluator:
         cols = []
         with torch.no_grad():
             for i0 in range(0, d, self.block):
-                idx = torch.arange(i0, min(d, i0 + self.block), device=self.device)
-                b = idx.numel()
-                x = flat.repeat(2 * b, 1)
-                rows = torch.arange(b, device=self.device)
-                x[rows, idx] += self.step
-                x[rows + b, idx] -= self.step
-                y = self._scalar(self._forward(params, buffers, x.reshape(2 * b, *self.x0.shape)))
+                i1 = min(d, i0 + self.block)
+                b = i1 - i0
+                if self.first is not None:
+                    h = [
+                        self.first.outputs(
+                            {k: v[j] for k, v in params.items()}, self.x0, i0, i1, self.step
+                        )
+                        for j in range(len(states))
+                    ]
+                    first_out = h[0][None] if len(h) == 1 else torch.stack(h)  # no copy for 1
+                    dummy = self.x0.expand(2 * b, *self.x0.shape)  # unused: layer injected
+                    y = self._scalar(self._forward(params, buffers, dummy, first_out=first_out))
+                else:
+                    idx = torch.arange(i0, i1, device=self.device)
+                    x = flat.repeat(2 * b, 1)
+                    rows = torch.arange(b, device=self.device)
+                    x[rows, idx] += self.step
+                    x[rows + b, idx] -= self.step
+                    x = x.reshape(2 * b, *self.x0.shape)
+                    y = self._scalar(self._forward(params, buffers, x))
                 # f = -net:  (f(x0 + h e_i) - f(x0 - h e_i)) / 2h
                 cols.append((y[:, b:] - y[:, :b]) / (2 * self.step))
         return torch.cat(cols, dim=1)
@@ -148,31 +181,54 @@ class _ChunkEvaluator:
         buffers: dict[str, Tensor],
         x: Tensor,
         batched_x: bool = False,
+        first_out: Tensor | None = None,
     ) -> Tensor:
-        def call(p: dict[str, Tensor], b: dict[str, Tensor], xx: Tensor) -> Tensor:
+        """The networks' outputs ``(g, batch, ...)``.
+
+        ``first_out`` ``(g, batch, ...)``: the first layer's outputs, injected in place of
+        evaluating it (``x`` is then unused).
+        """
+        holder: list[Tensor] = []
+
+        def call(
+            p: dict[str, Tensor], b: dict[str, Tensor], xx: Tensor, hh: Tensor | None
+        ) -> Tensor:
+            if hh is not None and isinstance(self.first, LocalPrefix):
+                state = {k: v for k, v in {**p, **b}.items() if k in self.tail_names}
+                return _as_tensor(functional_call(self.first.tail, state, (xx, hh)))
+            if hh is not None:
+                holder[:] = [hh]
             return _as_tensor(functional_call(self.template, (p, b), (xx,)))
 
         g = next(iter(params.values())).shape[0]
-        if g > 1 and self.vectorize:
-            try:
-                return vmap(call, in_dims=(0, 0, 0 if batched_x else None))(params, buffers, x)
-            except Exception as err:  # ops without a batching rule: fall back to a loop
-                self.vectorize = False
-                warnings.warn(
-                    f"NADs: evaluating the networks one at a time, since vmap failed "
-                    f"({type(err).__name__}: {err}).",
-                    stacklevel=4,
-                )
-        return torch.stack(
-            [
-                call(
-                    {k: v[j] for k, v in params.items()},
-                    {k: v[j] for k, v in buffers.items()},
-                    x[j] if batched_x else x,
-                )
-                for j in range(g)
-            ]
+        inject = (
+            self.first.injected(holder)
+            if isinstance(self.first, FirstLayer) and first_out is not None
+            else nullcontext()
         )
+        with inject:
+            if g > 1 and self.vectorize:
+                try:
+                    dims = (0, 0, 0 if batched_x else None, 0 if first_out is not None else None)
+                    return vmap(call, in_dims=dims)(params, buffers, x, first_out)
+                except Exception as err:  # ops without a batching rule: fall back to a loop
+                    self.vectorize = False
+                    warnings.warn(
+                        f"NADs: evaluating the networks one at a time, since vmap failed "
+                        f"({type(err).__name__}: {err}).",
+                        stacklevel=4,
+                    )
+            return torch.stack(
+                [
+                    call(
+                        {k: v[j] for k, v in params.items()},
+                        {k: v[j] for k, v in buffers.items()},
+                        x[j] if batched_x else x,
+                        first_out[j] if first_out is not None else None,
+                    )
+                    for j in range(g)
+                ]
+            )
 
 
 def _as_tensor(out: Any) -> Tensor:
