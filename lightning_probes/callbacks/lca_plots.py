@@ -62,11 +62,14 @@ def log_artefacts(
         ``per_neuron``, ``<layer>/neuron_fraction_helped``.
     """
     metrics: dict[str, float] = {}
-    by_layer: dict[str, list[Tensor]] = {}
-    for name, value in lc.items():
-        by_layer.setdefault(layer_of.get(name, ROOT_LAYER), []).append(value.flatten())
-    for layer, values in by_layer.items():
-        plog.log_histogram(trainer, key("lc", layer), torch.cat(values))
+    if trainer.is_global_zero and plog.tensorboard_writers(trainer):
+        # one layer's values at a time: the only temporaries are that layer's
+        by_layer: dict[str, list[Tensor]] = {}
+        for name, value in lc.items():
+            by_layer.setdefault(layer_of.get(name, ROOT_LAYER), []).append(value)
+        for layer, values in by_layer.items():
+            flat = values[0] if len(values) == 1 else torch.cat([v.flatten() for v in values])
+            plog.log_histogram(trainer, key("lc", layer), flat)
     if per_neuron:
         for layer in dict.fromkeys(layer_of.values()):
             weight = cumulative.get(f"{layer}.weight")
@@ -76,7 +79,7 @@ def log_artefacts(
             plog.log_histogram(trainer, key("neuron_cumulative_lc", layer), neurons)
             metrics[key("neuron_fraction_helped", layer)] = fraction_helped(neurons)
     if lc and _scipy_available():
-        shape, scale = weibull_fit(torch.cat([v.flatten() for v in lc.values()]), seed=seed)
+        shape, scale = weibull_fit(list(lc.values()), seed=seed)  # no concatenated copy
         if shape == shape:  # not NaN
             metrics[key("weibull_shape")] = shape
             metrics[key("weibull_scale")] = scale

@@ -32,8 +32,16 @@ import torch
 from torch import Tensor, nn
 
 from lightning_probes.core.data import ProbeSet
-from lightning_probes.core.evaluation import LossFn, OutputFn, probe_loss_and_grad
-from lightning_probes.functional.lca import relative_error, simpson_weights
+from lightning_probes.core.evaluation import (
+    LossFn,
+    OutputFn,
+    as_logits,
+    call_model,
+    chunks,
+    default_loss,
+    probe_loss_and_grad,
+)
+from lightning_probes.functional.lca import block_size, relative_error, sum64
 
 Method = Literal["first_order", "simpson", "adaptive"]
 METHODS: tuple[str, ...] = ("first_order", "simpson", "adaptive")
@@ -133,7 +141,7 @@ def loss_change_allocation(
     """
     _check_arguments(method, splits, tolerance, max_splits)
     names = _check_params(before, after)
-    grad_fn = loss_and_grad if loss_and_grad is not None else _autograd_loss_and_grad(loss_fn)
+    grad_fn = loss_and_grad if loss_and_grad is not None else _AutogradLossAndGrad(loss_fn)
     acc_dtype = {k: torch.promote_types(before[k].dtype, torch.float32) for k in names}
     deltas_nonzero = any(not torch.equal(before[k], after[k]) for k in names)
 
@@ -150,53 +158,59 @@ def loss_change_allocation(
         l0 = float(loss0)
         return LCAResult(zeros, 0.0, l0, l0, 0.0, 0.0, 0, evals, g0 if keep_grad_after else None)
 
-    def delta(k: str) -> Tensor:
-        return after[k].to(acc_dtype[k]) - before[k].to(acc_dtype[k])
-
-    def add_weighted(acc: dict[str, Tensor], grads: Mapping[str, Tensor], w: float) -> None:
-        for k in names:
-            acc[k].addcmul_(delta(k), grads[k].to(acc_dtype[k]), value=w)
-
-    def grad_at(s: float) -> dict[str, Tensor]:
-        nonlocal evals
-        evals += 1
-        return grad_fn({k: torch.lerp(before[k], after[k], s) for k in names})[1]
-
-    # Δ ⊙ g(θ_t), in the buffers of g(θ_t) when they are ours or handed over (one copy less)
-    acc = {
-        k: g0[k].mul_(delta(k)) if g0[k].dtype == acc_dtype[k] else delta(k) * g0[k] for k in names
-    }
+    # The accumulator holds Σ_j c_j g_j (gradient space, integer Simpson weights c_j); it is
+    # the buffer of g(θ_t) when that is ours or handed over (one copy less).
+    acc = {k: g0[k] if g0[k].dtype == acc_dtype[k] else g0[k].to(acc_dtype[k]) for k in names}
     del g0
+    point: dict[str, Tensor] = {}  # one evaluation-point buffer, rebuilt in place
+
+    def add_grad_at(s: float, out: dict[str, Tensor], weight: float) -> None:
+        nonlocal evals
+        for k in names:
+            if k in point:
+                torch.lerp(before[k], after[k], s, out=point[k])
+            else:
+                point[k] = torch.lerp(before[k], after[k], s)
+        _accumulate(grad_fn, point, out, weight)
+        evals += 1
+
+    def at_end(out: dict[str, Tensor]) -> tuple[Tensor | float, dict[str, Tensor] | None]:
+        """``out += g(θ_{t+1})``; also returns that gradient when it is to be kept."""
+        nonlocal evals
+        point.clear()  # θ_{t+1} is ``after`` itself: no buffer
+        evals += 1
+        if not keep_grad_after:
+            return _accumulate(grad_fn, dict(after), out, 1.0), None
+        loss1, g1 = grad_fn(dict(after))
+        for k in names:
+            out[k].add_(g1[k])
+        return loss1, g1
+
     if method == "first_order":
         if keep_grad_after:
             loss1, g1 = grad_fn(dict(after))
             evals += 1
         else:
             loss1, g1 = _loss_only(loss_fn, grad_fn, after), None
+        _to_lc(acc, before, after, 1)
         return _result(acc, loss0, loss1, 1, evals, g1)
 
     if method == "simpson":
-        w = simpson_weights(splits).tolist()
-        for k in names:
-            acc[k].mul_(w[0])
         for j in range(1, splits):
-            add_weighted(acc, grad_at(j / splits), w[j])
-        loss1, g1 = grad_fn(dict(after))
-        evals += 1
-        add_weighted(acc, g1, w[splits])
-        return _result(acc, loss0, loss1, splits, evals, g1 if keep_grad_after else None)
+            add_grad_at(j / splits, acc, 4.0 if j % 2 else 2.0)
+        loss1, g1 = at_end(acc)
+        _to_lc(acc, before, after, 3 * splits)
+        return _result(acc, loss0, loss1, splits, evals, g1)
 
-    # adaptive: acc = Δ⊙(g_0 + g_N + 2 Σ_even g_j), odd = Δ⊙Σ_odd g_j; LC = (acc + 4 odd) / 3N
+    # adaptive: acc = g_0 + g_N + 2 Σ_even g_j, odd = Σ_odd g_j; LC = Δ ⊙ (acc + 4 odd) / 3N
     n = splits
     odd = {k: torch.zeros_like(v) for k, v in acc.items()}
     for j in range(1, n):
-        add_weighted(odd if j % 2 else acc, grad_at(j / n), 1.0 if j % 2 else 2.0)
-    loss1, g1 = grad_fn(dict(after))
-    evals += 1
-    add_weighted(acc, g1, 1.0)
+        add_grad_at(j / n, odd if j % 2 else acc, 1.0 if j % 2 else 2.0)
+    loss1, g1 = at_end(acc)
     true_delta = float(loss1) - float(loss0)
     while True:
-        total = (_sum(acc) + 4.0 * _sum(odd)) / (3 * n)
+        total = (_dot_delta(acc, before, after) + 4.0 * _dot_delta(odd, before, after)) / (3 * n)
         if abs(true_delta - total) <= tolerance or 2 * n > max_splits:
             break
         for k in names:  # the old odd points become even points of the doubled grid
@@ -204,11 +218,13 @@ def loss_change_allocation(
             odd[k].zero_()
         n *= 2
         for j in range(1, n, 2):
-            add_weighted(odd, grad_at(j / n), 1.0)
+            add_grad_at(j / n, odd, 1.0)
+        point.clear()
     for k in names:
-        acc[k].add_(odd[k], alpha=4.0).div_(3 * n)
+        acc[k].add_(odd[k], alpha=4.0)
     del odd
-    return _result(acc, loss0, loss1, n, evals, g1 if keep_grad_after else None)
+    _to_lc(acc, before, after, 3 * n)
+    return _result(acc, loss0, loss1, n, evals, g1)
 
 
 def model_loss_and_grad(
@@ -218,12 +234,14 @@ def model_loss_and_grad(
     loss_fn: LossFn | None = None,
     output_fn: OutputFn | None = None,
     chunk_size: int | None = None,
-) -> LossAndGradFn:
+) -> ModelLossAndGrad:
     """A ``loss_and_grad`` for :func:`loss_change_allocation`: full probe set, in chunks.
 
-    The returned function evaluates ``model`` at the given parameters through
+    The returned callable evaluates ``model`` at the given parameters through
     :func:`torch.func.functional_call` (parameters not given are the model's own) with
     :func:`~lightning_probes.core.evaluation.probe_loss_and_grad`; the model is not modified.
+    Its :meth:`~ModelLossAndGrad.accumulate` adds a weighted gradient into given buffers in
+    place, which :func:`loss_change_allocation` uses to hold no gradient copy of its own.
     Put the model in the mode you want first (the authors: dropout off, BatchNorm on batch
     statistics).
 
@@ -238,13 +256,74 @@ def model_loss_and_grad(
         >>> res.error <= 1e-3
         True
     """
+    return ModelLossAndGrad(
+        model, data, loss_fn=loss_fn, output_fn=output_fn, chunk_size=chunk_size
+    )
 
-    def loss_and_grad(params: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+
+class ModelLossAndGrad:
+    r"""Full-probe-set loss of a model and its gradient at given parameters, in chunks.
+
+    Calling it gives ``(loss, {name: dL/dparam})`` like
+    :func:`~lightning_probes.core.evaluation.probe_loss_and_grad`;
+    :meth:`accumulate` adds :math:`w \nabla L` into existing buffers instead (no gradient
+    copy). Made by :func:`model_loss_and_grad`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: ProbeSet,
+        *,
+        loss_fn: LossFn | None = None,
+        output_fn: OutputFn | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        self.model = model
+        self.data = data
+        self.loss_fn = loss_fn
+        self.output_fn = output_fn
+        self.chunk_size = chunk_size
+
+    def __call__(self, params: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(loss, grads)`` at ``params`` (a fresh gradient copy)."""
         return probe_loss_and_grad(
-            model, data, params, loss_fn=loss_fn, output_fn=output_fn, chunk_size=chunk_size
+            self.model,
+            self.data,
+            params,
+            loss_fn=self.loss_fn,
+            output_fn=self.output_fn,
+            chunk_size=self.chunk_size,
         )
 
-    return loss_and_grad
+    def accumulate(
+        self, params: dict[str, Tensor], out: dict[str, Tensor], weight: float
+    ) -> Tensor:
+        r"""``out[k] += weight * dL/dparams[k]`` in place, chunk by chunk; returns the loss.
+
+        The loss is the same as :meth:`__call__`'s. Autograd accumulates each chunk's gradient
+        of :math:`w L_B` straight into ``out`` (set as the private leaves' ``.grad``); with
+        ``weight`` a power of two (Simpson's 1, 2, 4) the scaling is exact.
+        """
+        data = self.data
+        if data.targets is None:
+            raise ValueError("Expected a probe set with targets to evaluate a loss, got none.")
+        loss_fn = self.loss_fn or default_loss
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        seeded = _seed_grads(leaves, out)
+        n = len(data)
+        first = next(iter(leaves.values()))
+        total = torch.zeros((), dtype=first.dtype, device=first.device)
+        with torch.enable_grad():
+            for inputs, targets, size in chunks(data, self.chunk_size):
+                output = as_logits(call_model(self.model, leaves, inputs), self.output_fn)
+                part = loss_fn(output, targets) * (size / n)  # type: ignore[arg-type]
+                if part.requires_grad:
+                    scaled = part if weight == 1.0 else part * weight
+                    scaled.backward(inputs=list(leaves.values()))
+                total += part.detach().to(total.dtype)
+        _collect_grads(leaves, out, seeded)
+        return total
 
 
 def _result(
@@ -271,26 +350,118 @@ def _result(
 
 
 def _sum(tensors: Mapping[str, Tensor]) -> float:
-    return float(sum(float(t.sum(dtype=torch.float64)) for t in tensors.values()))
+    return float(sum(sum64(t) for t in tensors.values()))
 
 
-def _autograd_loss_and_grad(loss_fn: ParamLossFn | None) -> LossAndGradFn:
-    if loss_fn is None or not callable(loss_fn):
-        raise TypeError(
-            "Expected `loss_fn` to be a callable params -> scalar loss (or `loss_and_grad=` to "
-            f"be given), got {type(loss_fn).__name__}."
-        )
+class _AutogradLossAndGrad:
+    """``loss_and_grad`` (and ``accumulate``) by autograd on a ``params -> loss`` callable."""
 
-    def loss_and_grad(params: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def __init__(self, loss_fn: ParamLossFn | None) -> None:
+        if loss_fn is None or not callable(loss_fn):
+            raise TypeError(
+                "Expected `loss_fn` to be a callable params -> scalar loss (or `loss_and_grad=` "
+                f"to be given), got {type(loss_fn).__name__}."
+            )
+        self.loss_fn = loss_fn
+
+    def __call__(self, params: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         with torch.enable_grad():
-            loss = _scalar(loss_fn(leaves))
+            loss = _scalar(self.loss_fn(leaves))
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
         return loss.detach(), {
             k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)
         }
 
-    return loss_and_grad
+    def accumulate(
+        self, params: dict[str, Tensor], out: dict[str, Tensor], weight: float
+    ) -> Tensor:
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        seeded = _seed_grads(leaves, out)
+        with torch.enable_grad():
+            loss = _scalar(self.loss_fn(leaves))
+            if loss.requires_grad:
+                (loss if weight == 1.0 else loss * weight).backward(inputs=list(leaves.values()))
+        _collect_grads(leaves, out, seeded)
+        return loss.detach()
+
+
+def _seed_grads(leaves: Mapping[str, Tensor], out: Mapping[str, Tensor]) -> set[str]:
+    """Make ``out[k]`` the ``.grad`` of ``leaves[k]`` where autograd can accumulate into it."""
+    seeded = set()
+    for k, leaf in leaves.items():
+        buf = out[k]
+        if buf.dtype == leaf.dtype and buf.device == leaf.device and buf.shape == leaf.shape:
+            leaf.grad = buf
+            seeded.add(k)
+    return seeded
+
+
+def _collect_grads(
+    leaves: Mapping[str, Tensor], out: Mapping[str, Tensor], seeded: set[str]
+) -> None:
+    """Bring ``.grad`` of ``leaves`` into ``out`` where autograd did not accumulate in place."""
+    for k, leaf in leaves.items():
+        g, leaf.grad = leaf.grad, None
+        if g is None or g is out[k]:
+            continue
+        if k in seeded:  # autograd replaced the seeded buffer by ``buffer + gradient``
+            out[k].copy_(g)
+        else:
+            out[k].add_(g)
+
+
+def _accumulate(
+    grad_fn: LossAndGradFn, params: dict[str, Tensor], out: dict[str, Tensor], weight: float
+) -> Tensor | float:
+    """``out += weight * grad`` at ``params``; returns the loss.
+
+    In place when ``grad_fn`` has an ``accumulate`` method (:class:`ModelLossAndGrad`, the
+    autograd path); otherwise through one fresh gradient copy.
+    """
+    accumulate = getattr(grad_fn, "accumulate", None)
+    if accumulate is not None:
+        return accumulate(params, out, weight)  # type: ignore[no-any-return]
+    loss, grads = grad_fn(params)
+    for k, buf in out.items():
+        buf.add_(grads[k], alpha=weight)
+    return loss
+
+
+def _to_lc(
+    acc: dict[str, Tensor], before: Mapping[str, Tensor], after: Mapping[str, Tensor], div: int
+) -> None:
+    r"""``acc[k] <- Δ_k ⊙ acc[k] / div`` in place, :math:`\Delta` formed block by block."""
+    for k, buf in acc.items():
+        for b, a, t in _blocks(buf, after[k], before[k]):
+            b.mul_(a.to(b.dtype) - t.to(b.dtype))
+            if div != 1:
+                b.div_(div)
+
+
+def _dot_delta(
+    acc: Mapping[str, Tensor], before: Mapping[str, Tensor], after: Mapping[str, Tensor]
+) -> float:
+    r""":math:`\sum_k \Delta_k \cdot acc_k` (float64 sum), block by block."""
+    total = 0.0
+    for k, buf in acc.items():
+        part = torch.zeros((), dtype=torch.float64, device=buf.device)
+        for b, a, t in _blocks(buf, after[k], before[k]):
+            part += (a.to(b.dtype) - t.to(b.dtype)).mul_(b).sum(dtype=torch.float64)
+        total += float(part)
+    return total
+
+
+def _blocks(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
+    """Matching flat blocks (views) of same-shaped tensors: bounded temporaries per block.
+
+    One block (the tensors themselves) when one of them is not contiguous.
+    """
+    if not all(t.is_contiguous() for t in tensors):
+        return [tensors]
+    flat = [t.view(-1) for t in tensors]
+    size = block_size(flat[0].numel())
+    return list(zip(*(f.split(size) for f in flat)))
 
 
 def _loss_only(

@@ -55,6 +55,46 @@ def simpson_weights(splits: int, *, dtype: torch.dtype = torch.float64) -> Tenso
     return (w / (3 * splits)).to(dtype)
 
 
+def block_size(numel: int) -> int:
+    """Elements per block of the blockwise reductions: at most 32 blocks, at least 2**16.
+
+    Reducing a large tensor block by block bounds the temporaries (a float64 or int64 cast of
+    one block) to a small fraction of the tensor.
+    """
+    return max(1 << 16, -(-numel // 32))
+
+
+def sum64(values: Tensor) -> float:
+    """Sum in float64, block by block (no float64 copy of the whole tensor).
+
+    Example:
+        >>> sum64(torch.tensor([0.1, 0.2], dtype=torch.float32))
+        0.30000000447034836
+    """
+    flat = values.reshape(-1)
+    size = block_size(flat.numel())
+    if flat.numel() <= size:
+        return float(flat.sum(dtype=torch.float64))
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for block in flat.split(size):
+        total += block.sum(dtype=torch.float64)
+    return float(total)
+
+
+def count_negative(values: Tensor) -> int:
+    """Number of negative entries, block by block (no int64 copy of the whole mask).
+
+    Example:
+        >>> count_negative(torch.tensor([-1.0, 0.0, 2.0, -3.0]))
+        2
+    """
+    flat = values.reshape(-1)
+    total = torch.zeros((), dtype=torch.int64, device=flat.device)
+    for block in flat.split(block_size(flat.numel())):
+        total += (block < 0).sum()
+    return int(total)
+
+
 def fraction_helped(lc: Tensor | Iterable[Tensor]) -> float:
     """Fraction of parameters whose loss contribution is negative (they helped).
 
@@ -76,7 +116,7 @@ def fraction_helped(lc: Tensor | Iterable[Tensor]) -> float:
     count = sum(t.numel() for t in tensors)
     if count == 0:
         return float("nan")
-    helped = sum(int((t < 0).sum()) for t in tensors)
+    helped = sum(count_negative(t) for t in tensors)
     return helped / count
 
 
@@ -163,21 +203,25 @@ def layer_sums(lc: Mapping[str, Tensor], layer_of: Mapping[str, str]) -> dict[st
     for name, value in lc.items():
         layer = layer_of.get(name)
         if layer is not None:
-            out[layer] = out.get(layer, 0.0) + float(value.sum(dtype=torch.float64))
+            out[layer] = out.get(layer, 0.0) + sum64(value)
     return out
 
 
-def weibull_fit(values: Tensor, *, max_samples: int = 20_000, seed: int = 0) -> tuple[float, float]:
+def weibull_fit(
+    values: Tensor | Iterable[Tensor], *, max_samples: int = 20_000, seed: int = 0
+) -> tuple[float, float]:
     r"""Maximum-likelihood Weibull fit (location 0) of the magnitudes ``|values|``.
 
     .. math:: p(x) = \frac{k}{\lambda} \Big(\frac{x}{\lambda}\Big)^{k-1} e^{-(x/\lambda)^k}
 
     A shape :math:`k < 1` is a heavy tail; Lan et al. report :math:`k \approx 0.53` for the
     distribution of LC over parameters. Zeros (frozen or dead parameters) are left out; at
-    most ``max_samples`` values, drawn with a seeded generator, are fitted.
+    most ``max_samples`` values, drawn with a seeded generator, are fitted. Several tensors
+    are treated as their concatenation (flattened, in order) without building it: the values
+    are read block by block, so memory stays at ``max_samples`` plus one block.
 
     Args:
-        values: LC values, any shape.
+        values: LC values, one tensor of any shape or several (e.g. every parameter's).
         max_samples: Subsample size bound (the fit is ``O(n)`` per iteration).
         seed: Seed of the subsample.
 
@@ -189,13 +233,38 @@ def weibull_fit(values: Tensor, *, max_samples: int = 20_000, seed: int = 0) -> 
     """
     from scipy import stats
 
-    x = values.detach().flatten().abs().to("cpu", torch.float64).numpy()
-    x = x[np.isfinite(x) & (x > 0)]
-    if x.size < 3:
+    tensors = [values] if isinstance(values, Tensor) else list(values)
+    blocks = [
+        b for t in tensors for b in t.detach().reshape(-1).split(block_size(t.numel())) if b.numel()
+    ]
+
+    def magnitudes(block: Tensor) -> Tensor:
+        a = block.abs()
+        return a[torch.isfinite(a) & (a > 0)]
+
+    counts = [int(torch.count_nonzero(torch.isfinite(b) & (b != 0))) for b in blocks]
+    total = sum(counts)
+    if total < 3:
         return float("nan"), float("nan")
-    if x.size > max_samples:
-        x = np.random.default_rng(seed).choice(x, size=max_samples, replace=False)
+    if total <= max_samples:
+        x = np.concatenate([_numpy64(magnitudes(b)) for b, c in zip(blocks, counts) if c])
+    else:  # the same draw as choosing from the concatenated array of valid magnitudes
+        idx = np.random.default_rng(seed).choice(total, size=max_samples, replace=False)
+        order = np.argsort(idx, kind="stable")
+        wanted, parts, offset = idx[order], [], 0
+        for b, c in zip(blocks, counts):
+            lo, hi = np.searchsorted(wanted, [offset, offset + c])
+            if hi > lo:
+                local = torch.as_tensor(wanted[lo:hi] - offset, device=b.device)
+                parts.append(_numpy64(magnitudes(b)[local]))
+            offset += c
+        x = np.empty(max_samples, dtype=np.float64)
+        x[order] = np.concatenate(parts)
     # Fit on a unit scale: the optimiser is poorly conditioned for tiny LC magnitudes.
     unit = float(np.median(x))
     shape, _, scale = stats.weibull_min.fit(x / unit, floc=0.0)
     return float(shape), float(scale * unit)
+
+
+def _numpy64(values: Tensor) -> np.ndarray:
+    return values.to("cpu", torch.float64).numpy()
