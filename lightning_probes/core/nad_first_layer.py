@@ -27,6 +27,7 @@ whole network.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -233,6 +234,7 @@ _ELEMENTWISE_MODULES: dict[type, Callable[[Tensor], Tensor]] = {
     nn.ReLU: torch.relu,
     nn.Tanh: torch.tanh,
     nn.Sigmoid: torch.sigmoid,
+    nn.Identity: lambda t: t,
 }
 _ELEMENTWISE_METHODS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": torch.relu,
@@ -244,8 +246,9 @@ _ELEMENTWISE_METHODS: dict[str, Callable[[Tensor], Tensor]] = {
 class LocalPrefix:
     r"""A convolution, elementwise activations and one max pooling, evaluated locally.
 
-    For the chain ``conv -> (relu|tanh|sigmoid)* -> max_pool2d -> (relu|tanh|sigmoid)*`` at
-    the start of a network (found by :func:`torch.fx.symbolic_trace`), the input
+    For the chain ``conv -> act* -> max_pool2d -> act*`` (``act``: ``relu``, ``tanh``,
+    ``sigmoid`` or ``nn.Identity``) at the start of a network (found by
+    :func:`torch.fx.symbolic_trace`), the input
     :math:`x_0 \pm h e_i` changes the convolution's output only at the positions whose
     receptive field holds pixel :math:`i`, hence the pooled map only in the windows that meet
     them (at most a few). The chain's output is the one at :math:`x_0` with those pooled
@@ -382,7 +385,9 @@ def find_local_prefix(model: nn.Module, x0: Tensor, step: float) -> LocalPrefix 
     """
     shape = tuple(x0.shape)
     try:
-        gm = torch.fx.symbolic_trace(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = torch.fx.symbolic_trace(model)
     except Exception:
         return None
     graph = gm.graph
