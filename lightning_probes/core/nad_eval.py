@@ -8,7 +8,9 @@ networks and reduces their outputs, and by :class:`~lightning_probes.callbacks.n
   evaluation point :math:`x_0` — the authors' central differences with step :math:`h` along
   every input basis vector (or autograd), the ``2d`` perturbed inputs in blocks sized from the
   memory budget, the networks of a chunk stacked and evaluated together by
-  :func:`torch.func.vmap` over :func:`torch.func.functional_call` (a loop where vmap fails).
+  :func:`torch.func.vmap` over :func:`torch.func.functional_call` (a loop where vmap fails);
+  the first layer's outputs (or a local ``conv -> activations -> max_pool2d`` start) built
+  without evaluating it where :mod:`lightning_probes.core.nad_first_layer` finds that exact.
 - :func:`input_gradient_energy`: how a trained network's input Jacobian distributes over the
   NADs (re-exported by :mod:`lightning_probes.core.nad`).
 """
