@@ -16,7 +16,6 @@ Parameters are ``{name: tensor}`` dicts (:data:`Params`); a *stack* holds ``m`` 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from torch.func import vmap
 
 from lightning_probes.core.data import ProbeSet, slice_rows
 from lightning_probes.core.evaluation import LossFn, OutputFn, chunks, probe_loss
+from lightning_probes.core.landscape_affine import affine_family_loss
 from lightning_probes.functional.landscape import OneDimPolicy, filter_normalize
 
 Params = dict[str, Tensor]
@@ -189,6 +189,7 @@ def loss_plane(
     betas: Tensor | None = None,
     resolution: int = 11,
     span: float = 1.0,
+    structured: bool = True,
     **kwargs: Any,
 ) -> LossPlane:
     r"""Loss on the plane :math:`L(\theta_c + a u + b v)` over a grid of ``(a, b)``.
@@ -203,7 +204,12 @@ def loss_plane(
         betas: ``[B]`` coordinates along ``v`` (same default).
         resolution: Grid points per axis for the defaults.
         span: Half-width of the default grid.
-        **kwargs: Passed to :func:`batched_probe_loss`.
+        structured: Use the exact layer-chain path of
+            :func:`~lightning_probes.core.landscape_affine.affine_family_loss` when the model
+            allows it (first moved layer computed once per direction, per-point ``bmm``
+            after it); ``False``, or a model it does not support: ``vmap`` over stacked
+            parameters (:func:`batched_probe_loss`).
+        **kwargs: Passed to :func:`batched_probe_loss` (or the structured path).
 
     Returns:
         A :class:`LossPlane` with ``losses[i, j]`` at ``(alphas[j], betas[i])``.
@@ -215,8 +221,11 @@ def loss_plane(
     b = grid if betas is None else betas.double().cpu()
     bb, aa = torch.meshgrid(b, a, indexing="ij")
     coefs = torch.stack([aa.reshape(-1), bb.reshape(-1)], dim=1)
-    stacked = combine(center, [u, v], coefs)
-    losses = batched_probe_loss(model, data, stacked, **kwargs)
+    losses = (
+        affine_family_loss(model, data, center, [u, v], coefs, **kwargs) if structured else None
+    )
+    if losses is None:
+        losses = batched_probe_loss(model, data, combine(center, [u, v], coefs), **kwargs)
     return LossPlane(a, b, losses.reshape(len(b), len(a)).cpu())
 
 
@@ -226,6 +235,7 @@ def loss_along_path(
     anchors: Sequence[Mapping[str, Tensor]],
     *,
     points_per_segment: int = 11,
+    structured: bool = True,
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor]:
     r"""Loss along the polygonal chain through ``anchors`` (a segment when there are two).
@@ -239,7 +249,8 @@ def loss_along_path(
         data: Probe set with targets.
         anchors: ``S + 1 >= 2`` parameter dicts with the same keys and shapes.
         points_per_segment: Points per segment including its ends (``>= 2``).
-        **kwargs: Passed to :func:`batched_probe_loss`.
+        structured: As in :func:`loss_plane` (the anchors are the directions, the centre 0).
+        **kwargs: Passed to :func:`batched_probe_loss` (or the structured path).
 
     Returns:
         ``(t, losses)``, both ``[S * (points_per_segment - 1) + 1]``; ``t`` runs from 0 to
@@ -252,16 +263,19 @@ def loss_along_path(
             f"Expected `points_per_segment` to be an int >= 2, got {points_per_segment!r}."
         )
     local = torch.linspace(0, 1, points_per_segment, dtype=torch.float64)
-    ts, stacks = [], []
-    for s, (start, end) in enumerate(itertools.pairwise(anchors)):
+    ts, rows = [], []
+    for s in range(len(anchors) - 1):
         part = local if s == 0 else local[1:]
         ts.append(part + s)
-        coefs = torch.stack([1 - part, part], dim=1)
-        stacks.append(
-            combine({k: torch.zeros_like(p) for k, p in start.items()}, [start, end], coefs)
-        )
-    stacked = {k: torch.cat([st[k] for st in stacks]) for k in stacks[0]}
-    return torch.cat(ts), batched_probe_loss(model, data, stacked, **kwargs).cpu()
+        coefs = torch.zeros(len(part), len(anchors), dtype=torch.float64)
+        coefs[:, s], coefs[:, s + 1] = 1 - part, part
+        rows.append(coefs)
+    coefs = torch.cat(rows)  # point i = sum_k coefs[i, k] * anchors[k]
+    zero = {k: torch.zeros_like(p) for k, p in anchors[0].items()}
+    losses = affine_family_loss(model, data, zero, anchors, coefs, **kwargs) if structured else None
+    if losses is None:
+        losses = batched_probe_loss(model, data, combine(zero, anchors, coefs), **kwargs)
+    return torch.cat(ts), losses.cpu()
 
 
 def _points_per_call(

@@ -1,0 +1,337 @@
+r"""Exact loss on an affine family of weights (planes, segments) for chains of known layers.
+
+Every point of a loss plane (Fort & Jastrzebski, NeurIPS 2019; Li et al., NeurIPS 2018) or of
+a polygonal path through weight space is :math:`\theta_i = \theta_c + \sum_k C_{ik} d_k`. When
+the network is a chain of known layers (checked by tracing one sample through it), three facts
+make the family much cheaper to evaluate than one ``functional_call`` per point, while the
+result stays the per-point loss up to float rounding:
+
+* Layers before the first one the directions move have the same weights at every point, so
+  their output is computed once.
+* That first moved layer (Linear, Conv, eval-mode BatchNorm, LayerNorm) is linear in its
+  parameters: its output at point :math:`i` is
+  :math:`f(h; \theta_c) + \sum_k C_{ik} f(h; d_k)` -- ``K + 1`` forward products for all
+  points instead of one per point, combined by one ``addmm``.
+* The remaining layers run for a group of ``P`` points at once with per-point weights built
+  on the fly (one ``baddbmm`` per Linear layer), and the loss is reduced for the group at once.
+
+Index letters: ``P`` points of a group, ``K`` directions, ``n`` samples of a chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn import functional as F
+
+from lightning_probes.core.data import ProbeSet, slice_rows
+from lightning_probes.core.evaluation import LossFn, OutputFn, chunks, default_loss
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm)
+_WITH_PARAMS = (nn.Linear, *_CONV, *_NORM)
+_NARROW = 32  # Linear layers with fewer outputs are computed output-major (see below)
+_CPU_GROUP_BYTES = 8 * 2**20  # activations of a group of points kept cache-sized on the CPU
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+# Parameter-free layers that treat every sample independently: run on points x samples folded.
+_ELEMENTWISE = (
+    *(nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish),
+    *(nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid),
+    *(nn.Softsign, nn.Tanhshrink, nn.Identity, nn.Flatten, nn.Softmax, nn.LogSoftmax),
+    *(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d),
+    *(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d),
+    *(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d),
+    *_DROPOUT,
+)
+
+
+@dataclass
+class Link:
+    """One layer of a traced chain.
+
+    Attributes:
+        module: The layer.
+        names: ``{local parameter name: model parameter name}`` of its parameters.
+        width: Output elements per sample.
+    """
+
+    module: nn.Module
+    names: dict[str, str]
+    width: int
+
+
+def trace_chain(model: nn.Module, inputs: Any) -> list[Link] | None:
+    """The model as a chain of supported layers, or ``None`` when it is not one.
+
+    One sample is run through ``model`` with hooks on its leaf modules. The model is a chain
+    when every leaf module called takes exactly the previous one's output (the same tensor,
+    not modified in place in between; the first takes the model input) and the model returns
+    the last one's output: then ``model(x)`` is the composition of those layers. Every layer
+    must be a supported type (exactly, not a subclass), carry no hooks, and be in eval mode
+    where that matters (dropout, BatchNorm on running statistics).
+
+    Args:
+        model: The network.
+        inputs: Probe inputs ``[n, ...]`` (a single tensor; anything else gives ``None``).
+    """
+    if not isinstance(inputs, Tensor) or _has_global_hooks():
+        return None
+    names = {m: name for name, m in model.named_modules()}
+    calls: list[list[Any]] = []  # [module, input, input version, output, output version]
+
+    def pre(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        arg = args[0] if len(args) == 1 and not kwargs else None
+        calls.append([m, arg, getattr(arg, "_version", None), None, None])
+
+    def post(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        calls[-1][3:] = [out, getattr(out, "_version", None)]
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    if any(m._forward_hooks or m._forward_pre_hooks for m in leaves):
+        return None
+    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in leaves]
+    handles += [m.register_forward_hook(post, with_kwargs=True) for m in leaves]
+    sample = slice_rows(inputs, 0, 1)
+    try:
+        with torch.no_grad():
+            result = model(sample)
+    finally:
+        for h in handles:
+            h.remove()
+    prev, version = sample, sample._version
+    chain = []
+    for m, arg, arg_version, out, out_version in calls:
+        if arg is not prev or arg_version != version or not _supported(m) or m not in names:
+            return None
+        if not isinstance(out, Tensor):
+            return None
+        prefix = f"{names[m]}." if names[m] else ""
+        local = {k: prefix + k for k, p in m._parameters.items() if p is not None}
+        chain.append(Link(m, local, max(1, out.numel())))
+        prev, version = out, out_version
+    if not chain or result is not prev or result._version != version:
+        return None
+    return chain
+
+
+def affine_family_loss(
+    model: nn.Module,
+    data: ProbeSet,
+    center: Mapping[str, Tensor],
+    directions: Sequence[Mapping[str, Tensor]],
+    coefs: Tensor,
+    *,
+    loss_fn: LossFn | None = None,
+    output_fn: OutputFn | None = None,
+    chunk_size: int | None = None,
+    points_per_call: int | None = None,
+    memory_budget_mb: float = 256.0,
+) -> Tensor | None:
+    r"""Probe-set loss at the points :math:`\theta_c + \sum_k C_{ik} d_k`, or ``None``.
+
+    Equals ``probe_loss(model, data, point_i)`` for every point up to float rounding
+    (same chunking of the probe set, same weighting of the chunks). Returns ``None`` when the
+    model is not a chain of supported layers (see :func:`trace_chain`) or ``output_fn`` is
+    given; the caller then falls back to ``vmap`` over stacked parameters.
+
+    Args:
+        model: The network (not modified).
+        data: Probe set with targets.
+        center: :math:`\theta_c`, ``{name: [*shape]}`` for some or all parameters.
+        directions: ``K`` dicts shaped like ``center``.
+        coefs: ``[m, K]`` coefficients :math:`C`.
+        loss_fn: ``(outputs, targets) -> mean loss`` (default: cross-entropy / MSE, reduced
+            for all points of a group at once; a custom one is called once per point).
+        output_fn: Must be ``None`` for this path.
+        chunk_size: Samples per forward pass.
+        points_per_call: Points per group (default: from ``memory_budget_mb``).
+        memory_budget_mb: Memory the default grouping aims for.
+
+    Returns:
+        ``[m]`` losses, or ``None`` (unsupported model).
+    """
+    if data.targets is None:
+        raise ValueError("Expected a probe set with targets to evaluate a loss, got none.")
+    chain = None if output_fn is not None else trace_chain(model, data.inputs)
+    if chain is None:
+        return None
+    moved = [
+        any(n in center and any(bool(d[n].any()) for d in directions) for n in link.names.values())
+        for link in chain
+    ]
+    first = moved.index(True) if any(moved) else len(chain)
+    ref = next(iter(center.values()))
+    coefs = coefs.to(ref.device, ref.dtype)
+    ones_coefs = torch.cat([torch.ones_like(coefs[:, :1]), coefs], dim=1)  # [m, 1 + K]
+    # [1 + K, numel] per moved parameter (centre row first): a group's values are one mm away
+    stacks = {
+        n: torch.stack([center[n].reshape(-1)] + [d[n].reshape(-1) for d in directions])
+        for link, mv in zip(chain, moved)
+        if mv
+        for n in link.names.values()
+        if n in center
+    }
+    m, n_total = coefs.shape[0], len(data)
+    n_chunk = chunks(data, chunk_size)[0][2]
+    if points_per_call is None:
+        per_point = sum(s.shape[1] for s in stacks.values())
+        acts = 2 * n_chunk * sum(link.width for link in chain[first:]) * ref.element_size()
+        per_point = per_point * ref.element_size() + acts
+        points_per_call = int(memory_budget_mb * 2**20 // max(1, per_point))
+        if ref.device.type == "cpu":  # larger groups spill the caches and lose
+            points_per_call = min(points_per_call, _CPU_GROUP_BYTES // max(1, acts))
+    group = max(1, points_per_call)
+    total = torch.zeros(m, dtype=torch.float64, device=ref.device)
+    with torch.no_grad():
+        for x, targets, size in chunks(data, chunk_size):
+            assert targets is not None
+            h = x
+            for link in chain[:first]:
+                h = _shared_forward(link, _fixed(link, center), h)
+            if first == len(chain):  # no layer moves: one loss for every point
+                total += float(_losses(h[None], targets, loss_fn)[0]) * size / n_total
+                continue
+            base, prods = _products(chain[first], center, directions, h)
+            for start in range(0, m, group):
+                c = ones_coefs[start : start + group]
+                z = torch.mm(c, prods).view(len(c), *base.shape)
+                for link, mv in zip(chain[first + 1 :], moved[first + 1 :]):
+                    if type(link.module) is nn.ReLU:
+                        z = z.relu_()  # z is this group's own temporary
+                    elif mv:
+                        z = _per_point_forward(link, _per_point(link, center, stacks, c), z)
+                    else:
+                        z = _folded(link, _fixed(link, center), z)
+                part = _losses(z, targets, loss_fn) * (size / n_total)
+                total[start : start + group] += part.to(total.dtype)
+    return total.to(ref.dtype)
+
+
+def _supported(m: nn.Module) -> bool:
+    if isinstance(m, nn.Flatten) and m.start_dim == 0:
+        return False  # flattening the sample axis would mix the points
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+        return False  # batch statistics: the output of a sample depends on the others
+    if isinstance(m, nn.modules.dropout._DropoutNd) and m.training:
+        return False
+    kind = type(m)  # exact types: a subclass may override forward
+    if kind in _ELEMENTWISE:
+        return not m._parameters and not m._buffers
+    return kind in _WITH_PARAMS
+
+
+def _has_global_hooks() -> bool:
+    from torch.nn.modules import module as mod
+
+    names = ("_global_forward_hooks", "_global_forward_pre_hooks")
+    return any(bool(getattr(mod, n, None)) for n in names)
+
+
+def _fixed(link: Link, center: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The layer's parameters where no direction moves it (centre value or its own)."""
+    own = link.module._parameters
+    return {k: center[n] if n in center else own[k].detach() for k, n in link.names.items()}  # type: ignore[union-attr]
+
+
+def _per_point(
+    link: Link, center: Mapping[str, Tensor], stacks: Mapping[str, Tensor], c: Tensor
+) -> dict[str, Tensor]:
+    """``{local name: [P, *shape]}``: the layer's parameters at the points ``c [P, 1 + K]``."""
+    out = {}
+    for k, p in _fixed(link, center).items():
+        n = link.names[k]
+        if n in stacks:
+            out[k] = torch.mm(c, stacks[n]).view(len(c), *p.shape)
+        else:
+            out[k] = p.expand(len(c), *p.shape)
+    return out
+
+
+def _shared_forward(link: Link, params: dict[str, Tensor], h: Tensor) -> Tensor:
+    return functional_call(link.module, params, (h,)) if params else link.module(h)
+
+
+def _folded(link: Link, params: dict[str, Tensor], z: Tensor) -> Tensor:
+    """Layer with the same weights at every point on ``z [P, n, ...]`` (points folded)."""
+    out = _shared_forward(link, params, z.flatten(0, 1))
+    return out.view(*z.shape[:2], *out.shape[1:])
+
+
+def _products(
+    link: Link, center: Mapping[str, Tensor], directions: Sequence[Mapping[str, Tensor]], h: Tensor
+) -> tuple[Tensor, Tensor]:
+    r""":math:`f(h; \theta_c)` and the ``[1 + K, numel]`` rows :math:`f(h; \theta_c), f(h; d_k)`.
+
+    Exact for layers linear in their parameters jointly (Linear, Conv, BatchNorm in eval mode,
+    LayerNorm): a parameter that no direction covers enters the base term only.
+    """
+    fixed = _fixed(link, center)
+    base = _shared_forward(link, fixed, h)
+    prods = [
+        _shared_forward(
+            link,
+            {k: d[n] if n in d else torch.zeros_like(fixed[k]) for k, n in link.names.items()},
+            h,
+        ).reshape(-1)
+        for d in directions
+    ]
+    return base, torch.stack([base.reshape(-1), *prods])
+
+
+def _per_point_forward(link: Link, w: dict[str, Tensor], z: Tensor) -> Tensor:
+    """Layer with per-point weights ``w`` (``[P, *shape]``) on ``z [P, n, ...]``."""
+    m = link.module
+    if isinstance(m, nn.Linear):
+        x, weight = z.reshape(z.shape[0], -1, z.shape[-1]), w["weight"]
+        if m.out_features < _NARROW:  # [P, o, N] then a transposed view: a narrow head's
+            # GEMM and the softmax over its outputs run faster along the long sample axis
+            xt = x.transpose(1, 2)
+            out = torch.baddbmm(w["bias"][..., None], weight, xt) if "bias" in w else weight @ xt
+            out = out.transpose(1, 2)
+        else:
+            wt = weight.transpose(1, 2)
+            out = torch.baddbmm(w["bias"][:, None], x, wt) if "bias" in w else x @ wt
+        return out.reshape(*z.shape[:-1], -1)
+    if isinstance(m, _CONV):
+        bias = w.get("bias")
+        outs = [
+            m._conv_forward(z[p], w["weight"][p], None if bias is None else bias[p])
+            for p in range(z.shape[0])
+        ]
+        return torch.stack(outs)
+    if isinstance(m, nn.LayerNorm):
+        y = F.layer_norm(z, m.normalized_shape, None, None, m.eps)
+        ones = (z.ndim - 1 - len(m.normalized_shape), 0)  # [P, 1.., *normalized_shape]
+    else:  # BatchNorm in eval mode: running statistics, per-point affine [P, 1, C, 1..]
+        assert isinstance(m, nn.modules.batchnorm._BatchNorm)
+        y = F.batch_norm(z.flatten(0, 1), m.running_mean, m.running_var, eps=m.eps).view_as(z)
+        ones = (1, z.ndim - 3)
+    for k, op in (("weight", torch.mul), ("bias", torch.add)):
+        if k in w:
+            p = w[k]
+            y = op(y, p.view(p.shape[0], *(1,) * ones[0], *p.shape[1:], *(1,) * ones[1]))
+    return y
+
+
+def _losses(z: Tensor, targets: Tensor, loss_fn: LossFn | None) -> Tensor:
+    """``[P]`` mean loss of each point's outputs ``z [P, n, ...]`` on the chunk's targets."""
+    p = z.shape[0]
+    # cross-entropy with 'mean' divides by the number of non-ignored targets: batch it only
+    # when none is ignored (then that number is the number of elements)
+    integer = loss_fn is None and not torch.is_floating_point(targets) and z.ndim >= 3
+    if integer and not bool((targets == -100).any()):
+        if z.ndim == 3 and targets.ndim == 1:  # -log softmax_t = logsumexp - z_t (faster on CPU)
+            picked = z.gather(2, targets.expand(p, -1).unsqueeze(2)).squeeze(2)
+            return (torch.logsumexp(z, 2) - picked).mean(1)
+        flat = targets.expand(p, *targets.shape).reshape(-1, *targets.shape[1:])
+        per = F.cross_entropy(z.flatten(0, 1), flat, reduction="none")
+        return per.view(p, -1).mean(1)
+    if loss_fn is None and torch.is_floating_point(targets) and z.shape[1:] == targets.shape:
+        return (z - targets.to(z.dtype)).square().view(p, -1).mean(1)
+    fn = loss_fn or default_loss
+    return torch.stack([fn(z[i], targets) for i in range(p)])
