@@ -9,6 +9,7 @@ duck typing: ``hasattr(logger.experiment, "add_histogram")``), on global rank ze
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 from pytorch_lightning import LightningModule, Trainer
 from torch import Tensor
+
+from lightning_probes.core.cost import record_figure_seconds
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -110,8 +113,12 @@ def log_image(trainer: Trainer, key: str, image: Tensor) -> None:
 def log_figure(trainer: Trainer, key: str, figure: Figure) -> None:
     """Add a matplotlib figure (made with :func:`new_figure`) and close it."""
     if trainer.is_global_zero:
-        for writer in tensorboard_writers(trainer):
+        writers = tensorboard_writers(trainer)
+        for writer in writers:
             writer.add_figure(key, figure, global_step=trainer.global_step, close=False)
+        created = getattr(figure, "_lightning_probes_created", None)
+        if writers and created is not None:  # the cost of a figure, for budget predictions
+            record_figure_seconds(time.perf_counter() - created)
     figure.clear()
 
 
@@ -143,6 +150,7 @@ def new_figure(width: float = 6.0, height: float = 4.0) -> Figure:
 
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
+    fig._lightning_probes_created = time.perf_counter()  # type: ignore[attr-defined]
     return fig
 
 

@@ -87,3 +87,58 @@ def test_lca_every_step_schedule_honours_the_budget(tmp_path):
         runs[budget] = (len(lca.history), lca.over_budget_skips)
     # fit-start work already exceeds a 1e-9 budget: every step is skipped, none allocated
     assert runs == {None: (8, 0), 1e-9: (0, 8)}
+
+
+class PredictedProbe(SlowProbe):
+    """States its cost before running: ``forwards`` passes over the probe set plus ``extra`` s."""
+
+    def __init__(self, cost: float, predicted: float | None, **kwargs):
+        super().__init__(cost, **kwargs)
+        self.predicted = predicted
+        self.units = None
+
+    def predict_cost(self, pl_module, data, units):
+        self.units = units
+        if self.predicted == "raise":
+            raise RuntimeError("cannot predict")
+        return self.predicted
+
+
+def test_first_run_waits_until_its_predicted_cost_fits(tmp_path):
+    # 0.5 s predicted, 25% budget, >= 20 ms per step: the first run needs >= 2 s of training,
+    # i.e. about step 100, so none of 40 steps may run (unpredicted, step 1 would run)
+    probe = PredictedProbe(cost=0.0, predicted=0.5, max_overhead=0.25)
+    with pytest.warns(UserWarning, match=r"a run is predicted to take 0.50 s"):
+        _fit(tmp_path, probe, steps=40)
+    assert probe.steps == [] and probe.over_budget_skips == 40
+    # the units were measured on this model and its probe set
+    assert probe.units.num_samples == 256 and probe.units.num_outputs == 3
+    assert probe.units.forward_seconds > 0 and probe.units.flops_per_second > 0
+    assert probe.units.bytes_per_second > 0 and probe.units.figure_seconds > 0
+
+
+def test_first_run_with_a_small_prediction_runs_then_uses_measured_cost(tmp_path):
+    # predicted cheap (1 ms), actually 50 ms: the first run starts at once, later runs are
+    # predicted by the measured 50 ms and thinned out
+    probe = PredictedProbe(cost=0.05, predicted=1e-3, max_overhead=0.25)
+    with pytest.warns(UserWarning, match=r"a run is predicted to take 0.05 s"):
+        _fit(tmp_path, probe, steps=40)
+    # (the first scheduled steps may go to paying for the calibration itself)
+    assert probe.steps[0] <= 5 and 2 <= len(probe.steps) < 40
+
+
+def test_a_failing_prediction_falls_back_to_an_unpredicted_first_run(tmp_path):
+    probe = PredictedProbe(cost=0.0, predicted="raise", max_overhead=0.25)
+    _fit(tmp_path, probe, steps=10)
+    assert probe.steps and probe.steps[0] <= 5
+
+
+def test_calibrated_units_price_forwards_flops_bytes_and_figures():
+    from lightning_probes.core.cost import CostUnits
+
+    units = CostUnits(
+        forward_seconds=0.01, num_samples=8, num_outputs=2, flops_per_second=1e9,
+        bytes_per_second=1e8, figure_seconds=0.2,
+    )  # fmt: skip
+    got = units.seconds(forwards=3, flops=2e9, memory_bytes=5e7, figures=2)
+    assert got == pytest.approx(0.03 + 2.0 + 0.5 + 0.4)

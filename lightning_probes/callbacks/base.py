@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.schedule import ProbeSchedule
+from lightning_probes.core.cost import CostUnits, calibrate
 from lightning_probes.core.data import (
     BatchToInputsTargets,
     ProbeSet,
@@ -60,12 +61,14 @@ class ProbeCallback(Callback):
             and training continues; ``"raise"``: the error stops training.
         max_overhead: Wall-time budget of this probe as a fraction of the rest of the run
             (default :attr:`default_max_overhead`, 4%: six probes stay under 25%). A scheduled
-            run is skipped while the probe's time so far (including its fit-start work) exceeds
-            ``max_overhead`` times the time spent on everything else since training started;
-            A run is started only if, at the cost of the previous run, the probe stays within
-            budget; skipped runs are counted and announced once. The first run is not predicted
-            (its cost is unknown), so on a run much shorter than one probe run the first run
-            alone can exceed the budget. ``None`` runs at every scheduled step.
+            run starts only if the probe's time so far (including its fit-start work) plus the
+            predicted cost of this run stays within ``max_overhead`` times the time spent on
+            everything else since training started; skipped runs are counted and announced
+            once. A run is predicted by the measured cost of the previous one; the first by
+            :meth:`predict_cost` (measured units: forward passes over the probe set, flops,
+            figures), or not at all for probes that do not state their cost, whose first run
+            may then exceed the budget on a very short run. ``None`` runs at every scheduled
+            step.
             Under DDP the decision is rank zero's, broadcast, so ranks never diverge.
 
     Exactly one of ``every_n_steps``, ``every_n_epochs``, ``at_steps`` may be given; none
@@ -133,6 +136,8 @@ class ProbeCallback(Callback):
         self._train_start = 0.0
         self._probe_seconds = 0.0
         self._last_run_seconds = 0.0
+        self._measured = False  # a run has been timed: the next is predicted by its cost
+        self._first_run_prediction: float | None = None
         self._over_budget_skips = 0
 
     # ------------------------------------------------------------------ configuration
@@ -219,7 +224,7 @@ class ProbeCallback(Callback):
             and not self._should_skip(trainer)
             and self.schedule.step_based
             and self.schedule.runs_at_step(step)
-            and self._within_budget(trainer)
+            and self._within_budget(trainer, pl_module)
         ):
             self._run(trainer, pl_module, on_step=True)
 
@@ -229,7 +234,7 @@ class ProbeCallback(Callback):
             not self._should_skip(trainer)
             and not self.schedule.step_based
             and self.schedule.runs_at_epoch_end(trainer.current_epoch, trainer.global_step)
-            and self._within_budget(trainer)
+            and self._within_budget(trainer, pl_module)
         ):
             self._run(trainer, pl_module, on_step=False)
 
@@ -305,7 +310,51 @@ class ProbeCallback(Callback):
         """Scheduled runs skipped so far to stay within ``max_overhead``."""
         return self._over_budget_skips
 
-    def _within_budget(self, trainer: Trainer) -> bool:
+    def predict_cost(
+        self, pl_module: LightningModule, data: ProbeSet, units: CostUnits
+    ) -> float | None:
+        """Predicted seconds of one run, before any run has been measured (``None``: unknown).
+
+        The wall-time budget (``max_overhead``) predicts each run by the measured cost of the
+        previous one; this is its prediction of the first, so that an expensive probe on a short
+        or fast training run does not overshoot its budget before it has any measurement.
+        Subclasses state their cost in :class:`~lightning_probes.core.cost.CostUnits` measured
+        on this model and probe set (forward passes, dense flops, figures). The default,
+        ``None``, lets the first run start unpredicted.
+
+        Args:
+            pl_module: The model (inside ``isolated``, eval mode, no autograd).
+            data: The probe set.
+            units: Measured prices (forward pass over ``data``, flop rate, one figure).
+
+        Returns:
+            Seconds, or ``None``.
+        """
+        return None
+
+    def _predicted_run_seconds(self, pl_module: LightningModule | None) -> float:
+        """Cost of the next run: the last run's, or, before the first, :meth:`predict_cost`."""
+        if self._measured:
+            return self._last_run_seconds
+        if self._first_run_prediction is None:
+            prediction = 0.0
+            overridden = type(self).predict_cost is not ProbeCallback.predict_cost
+            if overridden and pl_module is not None and self._probe_set is not None:
+                started = time.perf_counter()
+                try:
+                    with isolated(pl_module, grad=False):
+                        units = calibrate(
+                            pl_module, self._probe_set, output_fn=getattr(self, "output_fn", None)
+                        )
+                        prediction = self.predict_cost(pl_module, self._probe_set, units) or 0.0
+                except Exception:  # a prediction must never stop training: run unpredicted
+                    prediction = 0.0
+                finally:
+                    self._probe_seconds += time.perf_counter() - started
+            self._first_run_prediction = prediction
+        return self._first_run_prediction
+
+    def _within_budget(self, trainer: Trainer, pl_module: LightningModule | None = None) -> bool:
         """Whether a scheduled run fits in ``max_overhead`` (rank zero decides for all ranks).
 
         Call only at points every rank reaches together (scheduled steps): it may broadcast.
@@ -313,8 +362,10 @@ class ProbeCallback(Callback):
         if self.max_overhead is None:
             return True
         elapsed = time.perf_counter() - self._train_start
-        # predicted: a run is started only if, at the cost of the last one, it stays in budget
-        spent = self._probe_seconds + self._last_run_seconds
+        # predicted: a run is started only if, at the cost of the last one (or the predicted
+        # cost of the first), it stays in budget
+        predicted = self._predicted_run_seconds(pl_module)
+        spent = self._probe_seconds + predicted
         fits = spent <= self.max_overhead * max(elapsed - self._probe_seconds, 0.0)
         if trainer.world_size > 1:
             fits = bool(trainer.strategy.broadcast(fits, src=0))
@@ -323,9 +374,10 @@ class ProbeCallback(Callback):
             self._warn_once(
                 "over-budget",
                 f"{type(self).__name__}: skipping scheduled runs to keep its cost within "
-                f"`max_overhead={self.max_overhead}` of the training time (it has used "
-                f"{self._probe_seconds:.1f} s so far). Raise `max_overhead`, or pass "
-                "`max_overhead=None` to run at every scheduled step.",
+                f"`max_overhead={self.max_overhead}` of the training time (a run is predicted "
+                f"to take {predicted:.2f} s; {self._probe_seconds:.2f} s used so far). Raise "
+                "`max_overhead`, run less often (`every_n_steps`, `at_steps`) or on a smaller "
+                "`probe_size`, or pass `max_overhead=None` to run at every scheduled step.",
             )
         return fits
 
@@ -400,6 +452,7 @@ class ProbeCallback(Callback):
             self._on_step = None
             self._last_run_seconds = time.perf_counter() - started
             self._probe_seconds += self._last_run_seconds
+            self._measured = True
 
 
 def _all_finite(tensors: Iterable[Tensor]) -> bool:
