@@ -27,6 +27,7 @@ from lightning_probes.core.ablation import (
     default_ablation_layers,
     noise_curve,
 )
+from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import OutputFn
 from lightning_probes.core.interventions import trace_model
@@ -174,6 +175,25 @@ class AblationAUCCallback(ProbeCallback):
             trainer.callback_metrics.pop(self.key(quantity), None)
 
     # ------------------------------------------------------------------ the probe
+    @override
+    def predict_cost(
+        self, pl_module: LightningModule, data: ProbeSet, units: CostUnits
+    ) -> float | None:
+        """Predicted cost of the first run (see :meth:`ProbeCallback.predict_cost`).
+
+        One forward pass per mask (``num_orderings x num_points``; an upper bound, as masks
+        share the prefix), the noise curves' passes, and a figure per curve.
+        """
+        forwards = self.num_orderings * self.num_points
+        figures = 1
+        if self.noise:
+            scales = 10 if self.noise_scales is None else len(self.noise_scales)
+            forwards += 3 * scales
+            figures += 1
+        return units.seconds(
+            forwards=forwards, figures=figures if plog.matplotlib_available() else 0
+        )
+
     @override
     def probe(self, trainer: Trainer, pl_module: LightningModule, data: ProbeSet) -> None:
         curve = self._measure(pl_module, data)

@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.base import ProbeCallback
+from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import OutputFn, chunks
 from lightning_probes.core.kernels import resolve_layers, tangent_kernel_factors
@@ -148,6 +149,35 @@ class LayerCKACallback(ProbeCallback):
                 layers=resolve_layers(pl_module, self._layer_names or self.layers),
                 output_fn=self.output_fn,
             )
+
+    @override
+    def predict_cost(
+        self, pl_module: LightningModule, data: ProbeSet, units: CostUnits
+    ) -> float | None:
+        """Predicted cost of the first run (see :meth:`ProbeCallback.predict_cost`).
+
+        Exact kernels: one capture forward, ``o`` batched backward passes, and per layer the
+        kernel product (Linear: :math:`(no)^2 d_{out} + n^2 d_{in}` multiply-adds; otherwise
+        through per-sample gradients, :math:`(no)^2 P_l`), its statistics and ~15 block-Lanczos
+        products of 8 vectors for the stable rank; plus two figures. The Hutchinson estimator
+        is not predicted.
+        """
+        if self.estimator != "exact":
+            return None
+        n, o = units.num_samples, units.num_outputs
+        no2 = float(n * o) ** 2
+        flops = passes = 0.0
+        for module in resolve_layers(pl_module, self._layer_names or self.layers).values():
+            if isinstance(module, nn.Linear):
+                flops += 2 * (no2 * module.out_features + n**2 * (module.in_features + 1))
+            else:
+                flops += 2 * no2 * sum(p.numel() for p in module.parameters())
+            # statistics: ~6 float64 passes over the kernel; stable rank: ~15 products with it
+            passes += 6 * 8 + (15 * 4 if self.stable_rank else 0)
+        figures = 2 if self.log_figures and plog.matplotlib_available() else 0
+        return units.seconds(
+            forwards=1 + 2 * o, flops=flops, memory_bytes=passes * no2, figures=figures
+        )
 
     @override
     def probe(self, trainer: Trainer, pl_module: LightningModule, data: ProbeSet) -> None:
