@@ -179,3 +179,16 @@ def test_unusable_model_output_stops_fit_before_the_first_step(tmp_path):
     with pytest.raises(TypeError, match="Pass `output_fn=`"):
         trainer.fit(DictOutput(), make_loader())
     assert probe._runs == 0 and trainer.global_step == 0
+
+
+def test_predicted_first_run_cost_counts_one_forward_per_mask():
+    from lightning_probes.core.cost import CostUnits
+
+    units = CostUnits(
+        forward_seconds=0.01, num_samples=64, num_outputs=3, flops_per_second=1e9,
+        bytes_per_second=1e9, figure_seconds=0.0,
+    )  # fmt: skip
+    cb = AblationAUCCallback(num_orderings=4, num_points=5)
+    assert cb.predict_cost(TinyClassifier(), None, units) == pytest.approx(4 * 5 * 0.01)
+    noisy = AblationAUCCallback(num_orderings=4, num_points=5, noise=True, noise_scales=[1, 2])
+    assert noisy.predict_cost(TinyClassifier(), None, units) == pytest.approx((20 + 6) * 0.01)

@@ -204,3 +204,28 @@ def test_invalid_arguments(kwargs, error, match):
 def test_unknown_layer_fails_at_setup_listing_layers(tmp_path):
     with pytest.raises(ValueError, match="Layer 'net.9' not found in TinyClassifier. Available"):
         fit(tmp_path, [LayerCKACallback(layers="net.9")], max_steps=1)
+
+
+def _units(n: int, o: int):
+    from lightning_probes.core.cost import CostUnits
+
+    return CostUnits(
+        forward_seconds=0.0, num_samples=n, num_outputs=o, flops_per_second=1e9,
+        bytes_per_second=1e9, figure_seconds=0.0,
+    )  # fmt: skip
+
+
+def test_predicted_first_run_cost_grows_with_the_kernel_size():
+    from conftest import TinyClassifier
+
+    model = TinyClassifier(d_in=8, hidden=16, classes=3)
+    cka = LayerCKACallback(probe_size=64)
+    cka._layer_names = ["net.0", "net.3", "net.5"]
+    small = cka.predict_cost(model, None, _units(256, 3))
+    large = cka.predict_cost(model, None, _units(512, 3))
+    # the (n·o)² kernel terms dominate: doubling n costs ~4x
+    assert 3.5 < large / small <= 4.0
+    no_rank = LayerCKACallback(probe_size=64, stable_rank=False)
+    no_rank._layer_names = cka._layer_names
+    assert no_rank.predict_cost(model, None, _units(512, 3)) < large
+    assert LayerCKACallback(estimator="hutchinson").predict_cost(model, None, _units(8, 3)) is None
