@@ -83,26 +83,31 @@ class AffineFactors:
         params = g * m * (i + int(self.bias))
         return float(n) * o * t * g * m * i + (float(n) * o) ** 2 * params
 
-    def jacobian(self, rows: slice) -> Tensor:
-        """Per-sample gradients ``[r·o, P]`` (weight then bias, the layer's parameter order)."""
-        a, d = self.features[rows], self.grads[:, rows]
-        r, o = a.shape[0], d.shape[0]
-        parts = [torch.einsum("cipgm,ipgk->icgmk", d, a).reshape(r * o, -1)]
-        if self.bias:
-            parts.append(d.sum(2).permute(1, 0, 2, 3).reshape(r * o, -1))
-        return torch.cat(parts, 1)
-
     def block(self, rows: slice, cols: slice) -> Tensor:
         """Kernel block ``[r·o, s·o]`` for samples ``rows`` × ``cols``."""
         if self.method == "jacobian":
             # blocks come row by row: keep the row block's Jacobian for the next column block
             key = (rows.start, rows.stop)
             if key not in self._jac_cache:
-                self._jac_cache = {key: self.jacobian(rows)}
+                self._jac_cache = {key: self._kernel_rows(rows)}
             jr = self._jac_cache[key]
-            js = jr if key == (cols.start, cols.stop) else self.jacobian(cols)
-            return jr @ js.T
+            if key == (cols.start, cols.stop):
+                return jr @ jr.T
+            return jr @ self._kernel_rows(cols).T
         return self._gram_block(rows, cols)
+
+    def _kernel_rows(self, rows: slice) -> Tensor:
+        r"""Per-sample gradient rows ``[r·o, P]`` with the columns in any fixed order.
+
+        The kernel is invariant to permuting parameters, so the bias is folded in as one more
+        input feature of value 1 (:math:`\partial f / \partial b = \sum_p \delta_p \cdot 1`):
+        one contraction, no concatenation.
+        """
+        a, d = self.features[rows], self.grads[:, rows]
+        r, o = a.shape[0], d.shape[0]
+        if self.bias:
+            a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1)
+        return torch.einsum("cipgm,ipgk->icgmk", d, a).reshape(r * o, -1)
 
     def _gram_block(self, rows: slice, cols: slice) -> Tensor:
         ar, as_ = self.features[rows], self.features[cols]
@@ -143,8 +148,9 @@ class JacobianFactors:
     def block(self, rows: slice, cols: slice) -> Tensor:
         """Kernel block ``[r·o, s·o]`` for samples ``rows`` × ``cols``."""
         jr = self._rows(rows)
-        js = jr if (rows.start, rows.stop) == (cols.start, cols.stop) else self.rows_fn(cols)
-        return jr @ js.T
+        if (rows.start, rows.stop) == (cols.start, cols.stop):
+            return jr @ jr.T
+        return jr @ self.rows_fn(cols).T
 
     def _rows(self, rows: slice) -> Tensor:
         key = (rows.start, rows.stop)
