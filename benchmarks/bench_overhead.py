@@ -28,6 +28,7 @@ from digits import DigitsMLP, digits_loaders  # noqa: E402
 from quickstart import QUICKSTART_PROBES  # noqa: E402
 
 import lightning_probes  # noqa: E402
+from lightning_probes.callbacks.base import ProbeCallback  # noqa: E402
 
 DEFAULTS: dict[str, Callable[[], pl.Callback]] = {
     name: (lambda name=name: getattr(lightning_probes, name)()) for name in QUICKSTART_PROBES
@@ -71,17 +72,29 @@ def main() -> None:
     configs["all (quickstart)"] = lambda: [f() for f in QUICKSTART_PROBES.values()]
 
     times: dict[str, list[float]] = {k: [] for k in configs}
+    runs: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as logdir:
         train([], 1, logdir)  # warm-up: imports, allocator, first TensorBoard writer
         for _ in range(args.repeats):
             for label, make in configs.items():
-                times[label].append(train(make(), args.epochs, logdir))
+                callbacks = make()
+                times[label].append(train(callbacks, args.epochs, logdir))
+                # runs done / skipped to stay within the budget, per probe (last repeat)
+                runs[label] = " ".join(
+                    f"{c.runs}/{c.over_budget_skips}"
+                    for c in callbacks
+                    if isinstance(c, ProbeCallback)
+                )
     base = statistics.median(times["no probes"])
     print(f"\nquickstart run: {args.epochs} epochs of digits, median of {args.repeats} repeats\n")
-    print(f"{'configuration':<42}{'seconds':>10}{'ratio':>9}")
+    print(f"{'configuration':<42}{'seconds':>10}{'ratio':>9}   runs/skipped (per probe)")
     for label, values in times.items():
         t = statistics.median(values)
-        print(f"{label:<42}{t:>10.2f}{t / base:>9.2f}x")
+        print(f"{label:<42}{t:>10.2f}{t / base:>9.2f}x   {runs.get(label, '')}")
+    print("\nruns/skipped: scheduled runs done, and skipped to stay within `max_overhead`.")
+    ratio = statistics.median(times["all (defaults)"]) / base
+    verdict = "met" if ratio <= 1.25 else "NOT met"
+    print(f"all probes together at their defaults: {ratio:.2f}x (target <= 1.25x: {verdict})")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def test_no_budget_runs_every_scheduled_step(tmp_path):
     probe = SlowProbe(cost=0.05, max_overhead=None)
     _fit(tmp_path, probe, steps=10)
     assert probe.steps == list(range(1, 11)) and probe.over_budget_skips == 0
+    assert probe.runs == 10
 
 
 def test_default_budget_is_the_class_default(monkeypatch):

@@ -306,6 +306,11 @@ class ProbeCallback(Callback):
         return False
 
     @property
+    def runs(self) -> int:
+        """Runs completed so far (failed and skipped ones not counted)."""
+        return self._runs
+
+    @property
     def over_budget_skips(self) -> int:
         """Scheduled runs skipped so far to stay within ``max_overhead``."""
         return self._over_budget_skips
