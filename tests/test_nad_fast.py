@@ -45,6 +45,26 @@ class LeNetLike(nn.Module):
         return self.fc(out.view(out.size(0), -1))
 
 
+class TwoStage(nn.Module):
+    """conv -> act -> pool -> conv -> act -> pool -> linear: both stages evaluated locally."""
+
+    def __init__(self, size=(16, 16), cin=1, conv1=None, conv2=None, pool2=2, act=F.relu):
+        super().__init__()
+        self.conv1 = conv1 or nn.Conv2d(cin, 3, 3)
+        self.conv2 = conv2 or nn.Conv2d(3, 4, 3)
+        self.pool2, self.act = pool2, act
+        with torch.no_grad():
+            n = self.features(torch.zeros(1, self.conv1.in_channels, *size)).numel()
+        self.fc = nn.Linear(n, 1)
+
+    def features(self, x):
+        out = F.max_pool2d(self.act(self.conv1(x)), 2)
+        return self.act(F.max_pool2d(self.conv2(out), self.pool2))
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
 def _sequential(conv, pool, size):
     out = conv(torch.zeros(1, conv.in_channels, *size))
     out = pool(torch.relu(out))
@@ -67,6 +87,43 @@ LOCAL_NETS = {
         nn.Conv2d(1, 2, (2, 3)), nn.MaxPool2d((3, 2)), (8, 7)
     ),
 }
+
+
+TWO_STAGE = {
+    "lenet": (lambda: TwoStage(), (1, 16, 16)),
+    "padded_conv2_pool3_tanh": (
+        lambda: TwoStage((15, 17), conv2=nn.Conv2d(3, 2, 3, padding=2), pool2=3, act=torch.tanh),
+        (1, 15, 17),
+    ),
+    "strided_conv1_rgb_rect_kernel": (
+        lambda: TwoStage(
+            (26, 22), conv1=nn.Conv2d(3, 3, 3, stride=2, padding=1), conv2=nn.Conv2d(3, 2, (2, 3))
+        ),
+        (3, 26, 22),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(TWO_STAGE))
+def test_second_stage_equals_a_naive_loop(name):
+    torch.manual_seed(5)
+    factory, shape = TWO_STAGE[name]
+    net = factory().double().eval()
+    x0 = torch.randn(shape, dtype=torch.float64)
+    ev = _evaluator(net, x0)
+    assert isinstance(ev.first, LocalPrefix) and ev.first.stage2 is not None
+    ev.block = 11
+    got = ev([_state(net)])[0]
+    torch.testing.assert_close(got, _naive(net, x0), rtol=1e-10, atol=1e-12)
+
+
+def test_second_stage_only_where_supported():
+    torch.manual_seed(6)
+    net = TwoStage(conv2=nn.Conv2d(3, 4, 3, stride=2)).double().eval()
+    x0 = torch.randn(1, 16, 16, dtype=torch.float64)
+    ev = _evaluator(net, x0)
+    assert isinstance(ev.first, LocalPrefix) and ev.first.stage2 is None
+    torch.testing.assert_close(ev([_state(net)])[0], _naive(net, x0), rtol=1e-10, atol=1e-12)
 
 
 def _evaluator(net, x0, chunk=1):
@@ -92,11 +149,11 @@ def test_local_prefix_equals_a_naive_loop(name):
 
 def test_local_prefix_vmapped_chunks_equal_the_loop():
     torch.manual_seed(1)
-    nets = [LeNetLike().double() for _ in range(4)]
-    x0 = torch.randn(1, 12, 12, dtype=torch.float64)
+    nets = [TwoStage().double() for _ in range(4)]
+    x0 = torch.randn(1, 16, 16, dtype=torch.float64)
     it = iter(nets)
     grads, _ = network_gradients(
-        lambda: next(it), (1, 12, 12), num_networks=4, eval_point=x0, chunk_size=3
+        lambda: next(it), (1, 16, 16), num_networks=4, eval_point=x0, chunk_size=3
     )
     expected = torch.stack([_naive(n.eval(), x0) for n in nets])
     torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
@@ -185,10 +242,10 @@ def test_no_shortcut_where_it_would_not_be_exact(cls):
 
 def test_float32_lenet_matches_the_float64_loop_within_rounding():
     torch.manual_seed(4)
-    net = LeNetLike(size=16).eval()
-    x0 = torch.randn(1, 16, 16)
+    net = TwoStage((20, 20)).eval()
+    x0 = torch.randn(1, 20, 20)
     ev = _evaluator(net, x0)
-    assert isinstance(ev.first, LocalPrefix)
+    assert isinstance(ev.first, LocalPrefix) and ev.first.stage2 is not None
     got = ev([_state(net)])[0].double()
     expected = _naive(net.double(), x0.double())
     # float32 rounding of values of size |h w| ~ 100 * 0.3, divided by 2h

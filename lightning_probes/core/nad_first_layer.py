@@ -312,10 +312,16 @@ class LocalPrefix:
         at = torch.searchsorted(keys, query).clamp(max=keys.numel() - 1)
         self.kidx = torch.where(keys[at] == query, kk[at], torch.full_like(at, k_cols))
         self.lpos = lpos
+        self.lpos_t = lpos.permute(2, 0, 1).contiguous()  # (T, d, Q)
+        self.kidx_t = self.kidx.permute(2, 0, 1).contiguous()
+        self.stage2: _SecondStage | None = None
 
     def to(self, device: torch.device) -> LocalPrefix:
         """Move the index tensors to ``device``."""
-        self.qidx, self.lpos, self.kidx = (t.to(device) for t in (self.qidx, self.lpos, self.kidx))
+        for attr in ("qidx", "lpos", "kidx", "lpos_t", "kidx_t"):
+            setattr(self, attr, getattr(self, attr).to(device))
+        if self.stage2 is not None:
+            self.stage2.to(device)
         return self
 
     def _chain_at(self, conv_out: Tensor) -> Tensor:
@@ -350,14 +356,18 @@ class LocalPrefix:
         c = weight.shape[0]
         b = i1 - i0
         flat_w = torch.cat([weight.reshape(c, -1), weight.new_zeros(c, 1)], dim=1)
-        around = base.reshape(c, -1)[:, self.lpos[i0:i1]]  # (C, b, Q, T)
-        delta = step * flat_w[:, self.kidx[i0:i1]]
-        pre = torch.cat([around + delta, around - delta], dim=1)
+        # (C, T, b, Q): window entry t of the Q changed windows of each pixel
+        around = base.reshape(c, -1)[:, self.lpos_t[:, i0:i1]]
+        delta = flat_w[:, self.kidx_t[:, i0:i1]].mul_(step)
+        pre = torch.cat([around + delta, around.sub_(delta)], dim=2)  # (C, T, 2b, Q)
         for fn in self.before:
             pre = fn(pre)
-        vals = pre.amax(-1)  # (C, 2b, Q)
+        vals = _max_over(pre, 1)  # (C, 2b, Q)
         for fn in self.after:
             vals = fn(vals)
+        if self.stage2 is not None:
+            p0 = self._chain_at(base)[0]
+            return self.stage2.outputs(params, p0, vals, self.qidx[i0:i1], i0, i1)
         out_base = self._chain_at(base).reshape(1, c, -1)
         out = out_base.expand(2 * b, -1, -1).contiguous()
         q = self.qidx[i0:i1].repeat(2, 1)  # (2b, Q)
@@ -402,6 +412,47 @@ def find_local_prefix(model: nn.Module, x0: Tensor, step: float) -> LocalPrefix 
         return None
     if sum(1 for n in graph.nodes if n.op == "call_module" and n.target == conv.target) != 1:
         return None
+    found = _act_pool_chain(gm, conv)
+    if found is None:
+        return None
+    before, pool, after, chain = found
+    node = chain[-1]
+    second = _second_conv(gm, graph, node)
+    stage2 = None
+    if second is not None and (found2 := _act_pool_chain(gm, second)) is not None:
+        before2, pool2, after2, chain2 = found2
+        if pool2[0] == pool2[1]:  # kernel = stride
+            stage2 = (second, before2, pool2, after2)
+            chain, node = chain + chain2, chain2[-1]
+    try:
+        layer = FirstLayer(str(conv.target), module, shape)
+        prefix = LocalPrefix(layer, before, pool, after, gm)
+        if stage2 is not None:
+            conv2, before2, pool2, after2 = stage2
+            prefix.stage2 = _SecondStage(
+                str(conv2.target),
+                gm.get_submodule(str(conv2.target)),  # type: ignore[arg-type]
+                before2,
+                pool2,
+                after2,
+                prefix.out_shape,
+                prefix.qidx,
+            )
+        with graph.inserting_after(inputs[0]):
+            injected = graph.placeholder("nad_first_outputs")
+        node.replace_all_uses_with(injected)
+        for n in reversed(chain):
+            graph.erase_node(n)
+        graph.lint()
+        gm.recompile()
+        prefix.to(x0.device)
+    except Exception:
+        return None
+    return prefix if _tail_matches(model, prefix, x0, step) else None
+
+
+def _act_pool_chain(gm: nn.Module, conv: Any) -> tuple[Any, Any, Any, list[Any]] | None:
+    """From a conv node: ``act* -> max_pool2d -> act*``, each node the previous one's only user."""
     before: list[Callable[[Tensor], Tensor]] = []
     after: list[Callable[[Tensor], Tensor]] = []
     pool: tuple[tuple[int, int], tuple[int, int]] | None = None
@@ -419,21 +470,24 @@ def find_local_prefix(model: nn.Module, x0: Tensor, step: float) -> LocalPrefix 
             break
         chain.append(user)
         node = user
-    if pool is None:
+    return None if pool is None else (before, pool, after, chain)
+
+
+def _second_conv(gm: nn.Module, graph: Any, node: Any) -> Any:
+    """The node's only user if it is a stride-1, undilated, ungrouped ``nn.Conv2d`` called once."""
+    if len(node.users) != 1:
         return None
-    try:
-        layer = FirstLayer(str(conv.target), module, shape)
-        with graph.inserting_after(inputs[0]):
-            injected = graph.placeholder("nad_first_outputs")
-        node.replace_all_uses_with(injected)
-        for n in reversed(chain):
-            graph.erase_node(n)
-        graph.lint()
-        gm.recompile()
-        prefix = LocalPrefix(layer, before, pool, after, gm).to(x0.device)
-    except Exception:
+    user = next(iter(node.users))
+    if user.op != "call_module" or user.args != (node,) or user.kwargs:
         return None
-    return prefix if _tail_matches(model, prefix, x0, step) else None
+    m = gm.get_submodule(str(user.target))
+    if type(m) is not nn.Conv2d or m.groups != 1 or m.padding_mode != "zeros":
+        return None
+    if isinstance(m.padding, str) or m.stride != (1, 1) or m.dilation != (1, 1):
+        return None
+    if sum(1 for n in graph.nodes if n.op == "call_module" and n.target == user.target) != 1:
+        return None
+    return user
 
 
 def _tail_matches(model: nn.Module, prefix: LocalPrefix, x0: Tensor, step: float) -> bool:
@@ -524,3 +578,158 @@ def _pair(value: Any) -> tuple[int, int] | None:
     ):
         return int(value[0]), int(value[1])
     return None
+
+
+class _SecondStage:
+    r"""``conv2 -> act* -> max_pool2d -> act*`` after a :class:`LocalPrefix`'s chain, locally.
+
+    The prefix changes its output map :math:`P` only at a few positions (a box per pixel);
+    ``conv2`` is linear, so :math:`\text{conv2}(P_0 + \Delta P) = \text{conv2}(P_0) +
+    \text{conv2}_{\text{no bias}}(\Delta P)`, the second term a full-padding convolution of the
+    small :math:`\Delta P` box. Only the pooling windows it reaches are recomputed (base values
+    plus the change, activations, max); the other pooled values are the base point's.
+    Requires ``conv2`` with stride 1, dilation 1, one group, zero padding and a pooling with
+    kernel = stride, no padding.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        module: nn.Conv2d,
+        before: list[Callable[[Tensor], Tensor]],
+        pool: tuple[tuple[int, int], tuple[int, int]],
+        after: list[Callable[[Tensor], Tensor]],
+        in_shape: tuple[int, int, int],
+        qidx: Tensor,
+    ) -> None:
+        self.name, self.module, self.before, self.after = name, module, before, after
+        (kh, kw), _ = pool
+        self.pool = (kh, kw)
+        _, h1, w1 = in_shape
+        ph, pw = _pair(module.padding) or (0, 0)
+        ch, cw = module.kernel_size
+        h2, w2 = h1 + 2 * ph - ch + 1, w1 + 2 * pw - cw + 1
+        hp, wp = h2 // kh, w2 // kw
+        self.out_shape = (module.out_channels, hp, wp)
+        d = qidx.shape[0]
+        qr, qc = qidx // w1, qidx % w1  # (d, Q)
+        o_r, o_c = qr.min(1).values, qc.min(1).values  # box origin per pixel
+        bh = int((qr.max(1).values - o_r).max()) + 1
+        bw = int((qc.max(1).values - o_c).max()) + 1
+        self.box = (bh, bw)
+        self.slot_idx = (qr - o_r[:, None]) * bw + (qc - o_c[:, None])  # (d, Q) in the box
+        # change of conv2 at rows lo .. lo + dh - 1 (full-padding convolution of the box)
+        dh, dw = bh + ch - 1, bw + cw - 1
+        lo_r, lo_c = o_r + ph - (ch - 1), o_c + pw - (cw - 1)
+        win_r0 = torch.div(lo_r, kh, rounding_mode="floor")
+        win_c0 = torch.div(lo_c, kw, rounding_mode="floor")
+        nh = int((torch.div(lo_r + dh - 1, kh, rounding_mode="floor") - win_r0).max()) + 1
+        nw = int((torch.div(lo_c + dw - 1, kw, rounding_mode="floor") - win_c0).max()) + 1
+        self.windows = (nh, nw)
+        ah, aw = nh * kh, nw * kw  # conv2 box of the windows, from row win_r0 * kh
+        y = torch.arange(ah)[None, :, None]
+        x = torch.arange(aw)[None, None, :]
+        rows2 = win_r0[:, None, None] * kh + y  # (d, ah, 1) conv2 rows
+        cols2 = win_c0[:, None, None] * kw + x
+        # conv2 canvas with margins so every box fits; values outside feed only dropped windows
+        self.margin2 = (
+            max(0, -int(rows2.min()), int(rows2.max()) - h2 + 1),
+            max(0, -int(cols2.min()), int(cols2.max()) - w2 + 1),
+        )
+        m2r, m2c = self.margin2
+        canvas_w2 = w2 + 2 * m2c
+        self.base_idx = ((rows2 + m2r) * canvas_w2 + (cols2 + m2c)).reshape(d, -1)
+        jr, jc = rows2 - lo_r[:, None, None], cols2 - lo_c[:, None, None]
+        inside = (jr >= 0) & (jr < dh) & (jc >= 0) & (jc < dw)
+        self.delta_idx = torch.where(inside, jr * dw + jc, torch.full_like(jr * jc, dh * dw))
+        self.delta_idx = self.delta_idx.reshape(d, -1)
+        self.delta_shape = (dh, dw)
+        # pooled windows: canvas with margins, cropped to the valid ones afterwards
+        pr = win_r0[:, None, None] + torch.arange(nh)[None, :, None]
+        pc = win_c0[:, None, None] + torch.arange(nw)[None, None, :]
+        self.margin_p = (
+            max(0, -int(pr.min()), int(pr.max()) - hp + 1),
+            max(0, -int(pc.min()), int(pc.max()) - wp + 1),
+        )
+        mpr, mpc = self.margin_p
+        self.pool_idx = ((pr + mpr) * (wp + 2 * mpc) + (pc + mpc)).reshape(d, -1)
+
+    def to(self, device: torch.device) -> _SecondStage:
+        """Move the index tensors to ``device``."""
+        for attr in ("slot_idx", "base_idx", "delta_idx", "pool_idx"):
+            setattr(self, attr, getattr(self, attr).to(device))
+        return self
+
+    def outputs(
+        self,
+        params: dict[str, Tensor],
+        p0: Tensor,
+        changed: Tensor,
+        qidx: Tensor,
+        i0: int,
+        i1: int,
+    ) -> Tensor:
+        """Outputs ``(2b, *out_shape)`` from the prefix's base map and changed values.
+
+        Args:
+            params: The network's parameters.
+            p0: ``(C1, H1, W1)`` the prefix's output at :math:`x_0`.
+            changed: ``(C1, 2b, Q)`` its values at the changed positions ``qidx``.
+            qidx: ``(b, Q)`` the changed positions (flat) of the block's pixels.
+            i0: First basis vector of the block.
+            i1: End of the block.
+        """
+        m = self.module
+        weight = params[self.name + ".weight"]
+        bias = params.get(self.name + ".bias")
+        c1 = p0.shape[0]
+        b2 = changed.shape[1]
+        b = b2 // 2
+        base_p = p0.reshape(c1, -1)[:, qidx]  # (C1, b, Q)
+        dp = (changed.view(c1, 2, b, -1) - base_p[:, None]).permute(1, 2, 0, 3)  # (2, b, C1, Q)
+        bh, bw = self.box
+        box = dp.new_zeros(2, b, c1, bh * bw)
+        slots = self.slot_idx[i0:i1][None, :, None, :].expand(2, -1, c1, -1)
+        box.scatter_(3, slots, dp)  # a repeated slot writes the same value again
+        ch, cw = m.kernel_size
+        delta = F.conv2d(box.view(b2, c1, bh, bw), weight, None, 1, (ch - 1, cw - 1))
+        o = weight.shape[0]
+        delta = F.pad(delta.reshape(2, b, o, -1), (0, 1))  # last entry: no change
+        base2 = F.conv2d(p0[None], weight, bias, 1, m.padding)[0]  # type: ignore[arg-type]
+        m2r, m2c = self.margin2
+        canvas = F.pad(base2, (m2c, m2c, m2r, m2r)).reshape(o, -1)
+        around = canvas[:, self.base_idx[i0:i1]].permute(1, 0, 2)  # (b, O, A)
+        di = self.delta_idx[i0:i1][None, :, None, :].expand(2, -1, o, -1)
+        vals = torch.gather(delta, 3, di).add_(around).view(b2, o, -1)
+        for fn in self.before:
+            vals = fn(vals)
+        (kh, kw), (nh, nw) = self.pool, self.windows
+        pooled = _max_over(vals.view(b2, o, nh, kh, nw * kw), 3)  # (2b, O, nh, nw * kw)
+        pooled = _max_over(pooled.view(b2, o, nh, nw, kw), 4).reshape(2, b, o, -1)
+        for fn in self.after:
+            pooled = fn(pooled)
+        base_pool = F.max_pool2d(_apply(self.before, base2[None]), self.pool)
+        base_pool = _apply(self.after, base_pool)[0]
+        mpr, mpc = self.margin_p
+        out = F.pad(base_pool, (mpc, mpc, mpr, mpr))
+        hpc, wpc = out.shape[1:]
+        out = out.reshape(1, 1, o, -1).expand(2, b, -1, -1).contiguous()
+        pi = self.pool_idx[i0:i1][None, :, None, :].expand(2, -1, o, -1)
+        out.scatter_(3, pi, pooled)
+        _, hp, wp = self.out_shape
+        out = out.view(b2, o, hpc, wpc)[:, :, mpr : mpr + hp, mpc : mpc + wp]
+        return out.contiguous()
+
+
+def _max_over(t: Tensor, dim: int) -> Tensor:
+    """``t.amax(dim)`` by elementwise maxima of its slices (faster for a short ``dim``)."""
+    out = t.select(dim, 0)
+    for j in range(1, t.shape[dim]):
+        out = torch.maximum(out, t.select(dim, j))
+    return out
+
+
+def _apply(fns: list[Callable[[Tensor], Tensor]], t: Tensor) -> Tensor:
+    for fn in fns:
+        t = fn(t)
+    return t
