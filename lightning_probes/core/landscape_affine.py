@@ -20,7 +20,7 @@ Index letters: ``P`` points of a group, ``K`` directions, ``n`` samples of a chu
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,29 +186,26 @@ def affine_family_loss(
         if ref.device.type == "cpu":  # larger groups spill the caches and lose
             points_per_call = min(points_per_call, _CPU_GROUP_BYTES // max(1, acts))
     group = max(1, points_per_call)
+    steps = [_step(link, mv, center, stacks) for link, mv in zip(chain[first:], moved[first:])]
     total = torch.zeros(m, dtype=torch.float64, device=ref.device)
     with torch.no_grad():
         for x, targets, size in chunks(data, chunk_size):
             assert targets is not None
-            h = x
+            h, reduce = x, _reducer(targets, loss_fn)
             for link in chain[:first]:
                 h = _shared_forward(link, _fixed(link, center), h)
             if first == len(chain):  # no layer moves: one loss for every point
-                total += float(_losses(h[None], targets, loss_fn)[0]) * size / n_total
+                total += float(reduce(h[None])[0]) * size / n_total
                 continue
             base, prods = _products(chain[first], center, directions, h)
+            parts = []
             for start in range(0, m, group):
                 c = ones_coefs[start : start + group]
                 z = torch.mm(c, prods).view(len(c), *base.shape)
-                for link, mv in zip(chain[first + 1 :], moved[first + 1 :]):
-                    if type(link.module) is nn.ReLU:
-                        z = z.relu_()  # z is this group's own temporary
-                    elif mv:
-                        z = _per_point_forward(link, _per_point(link, center, stacks, c), z)
-                    else:
-                        z = _folded(link, _fixed(link, center), z)
-                part = _losses(z, targets, loss_fn) * (size / n_total)
-                total[start : start + group] += part.to(total.dtype)
+                for step in steps[1:]:
+                    z = step(z, c)
+                parts.append(reduce(z))
+            total += torch.cat(parts).to(total.dtype) * (size / n_total)
     return total.to(ref.dtype)
 
 
@@ -238,18 +235,27 @@ def _fixed(link: Link, center: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: center[n] if n in center else own[k].detach() for k, n in link.names.items()}  # type: ignore[union-attr]
 
 
-def _per_point(
-    link: Link, center: Mapping[str, Tensor], stacks: Mapping[str, Tensor], c: Tensor
-) -> dict[str, Tensor]:
-    """``{local name: [P, *shape]}``: the layer's parameters at the points ``c [P, 1 + K]``."""
-    out = {}
-    for k, p in _fixed(link, center).items():
-        n = link.names[k]
-        if n in stacks:
-            out[k] = torch.mm(c, stacks[n]).view(len(c), *p.shape)
-        else:
-            out[k] = p.expand(len(c), *p.shape)
-    return out
+def _step(
+    link: Link, moved: bool, center: Mapping[str, Tensor], stacks: Mapping[str, Tensor]
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """``(z [P, n, ...], c [P, 1 + K]) -> the layer's output at the points c``."""
+    if type(link.module) is nn.ReLU:
+        return lambda z, c: z.relu_()  # z is the group's own temporary
+    fixed = _fixed(link, center)
+    if not moved:
+        return lambda z, c: _folded(link, fixed, z)
+    rows = {k: stacks.get(n) for k, n in link.names.items()}
+
+    def per_point(z: Tensor, c: Tensor) -> Tensor:
+        w = {  # the layer's parameters at the points: one mm each
+            k: fixed[k].expand(len(c), *fixed[k].shape)
+            if r is None
+            else torch.mm(c, r).view(len(c), *fixed[k].shape)
+            for k, r in rows.items()
+        }
+        return _per_point_forward(link, w, z)
+
+    return per_point
 
 
 def _shared_forward(link: Link, params: dict[str, Tensor], h: Tensor) -> Tensor:
@@ -303,7 +309,7 @@ def _per_point_forward(link: Link, w: dict[str, Tensor], z: Tensor) -> Tensor:
             m._conv_forward(z[p], w["weight"][p], None if bias is None else bias[p])
             for p in range(z.shape[0])
         ]
-        return torch.stack(outs)
+        return outs[0][None] if len(outs) == 1 else torch.stack(outs)
     if isinstance(m, nn.LayerNorm):
         y = F.layer_norm(z, m.normalized_shape, None, None, m.eps)
         ones = (z.ndim - 1 - len(m.normalized_shape), 0)  # [P, 1.., *normalized_shape]
@@ -318,20 +324,34 @@ def _per_point_forward(link: Link, w: dict[str, Tensor], z: Tensor) -> Tensor:
     return y
 
 
-def _losses(z: Tensor, targets: Tensor, loss_fn: LossFn | None) -> Tensor:
-    """``[P]`` mean loss of each point's outputs ``z [P, n, ...]`` on the chunk's targets."""
-    p = z.shape[0]
+def _reducer(targets: Tensor, loss_fn: LossFn | None) -> Callable[[Tensor], Tensor]:
+    """``z [P, n, ...] -> [P]`` mean loss of each point's outputs on the chunk's targets."""
+    fn = loss_fn or default_loss
+
+    def per_point(z: Tensor) -> Tensor:
+        return torch.stack([fn(z[i], targets) for i in range(z.shape[0])])
+
+    if loss_fn is not None:
+        return per_point
+    if torch.is_floating_point(targets):
+
+        def squared(z: Tensor) -> Tensor:
+            if z.shape[1:] != targets.shape:  # broadcasting: as mse_loss does it
+                return per_point(z)
+            return (z - targets.to(z.dtype)).square().reshape(z.shape[0], -1).mean(1)
+
+        return squared
     # cross-entropy with 'mean' divides by the number of non-ignored targets: batch it only
     # when none is ignored (then that number is the number of elements)
-    integer = loss_fn is None and not torch.is_floating_point(targets) and z.ndim >= 3
-    if integer and not bool((targets == -100).any()):
+    if bool((targets == -100).any()):
+        return per_point
+
+    def cross_entropy(z: Tensor) -> Tensor:
+        p = z.shape[0]
         if z.ndim == 3 and targets.ndim == 1:  # -log softmax_t = logsumexp - z_t (faster on CPU)
             picked = z.gather(2, targets.expand(p, -1).unsqueeze(2)).squeeze(2)
             return (torch.logsumexp(z, 2) - picked).mean(1)
         flat = targets.expand(p, *targets.shape).reshape(-1, *targets.shape[1:])
-        per = F.cross_entropy(z.flatten(0, 1), flat, reduction="none")
-        return per.view(p, -1).mean(1)
-    if loss_fn is None and torch.is_floating_point(targets) and z.shape[1:] == targets.shape:
-        return (z - targets.to(z.dtype)).square().view(p, -1).mean(1)
-    fn = loss_fn or default_loss
-    return torch.stack([fn(z[i], targets) for i in range(p)])
+        return F.cross_entropy(z.flatten(0, 1), flat, reduction="none").view(p, -1).mean(1)
+
+    return cross_entropy
