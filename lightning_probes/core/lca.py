@@ -16,9 +16,18 @@ with composite Simpson weights :math:`w` on ``N`` splits
 the doubled grid. ``first_order`` uses the gradient at :math:`\theta_t` only (the paper's
 illustration; on a convex loss it overestimates the decrease).
 
-Memory: the weighted sums are kept in "LC space" (:math:`\Delta \odot \sum_j w_j g_j`): one
-accumulator per parameter (two for ``adaptive``), plus the point being evaluated and its
-gradient. No Lightning import; weights are never modified (evaluation through the caller's
+Memory, in parameter-sized buffers (the inputs ``before``/``after`` not counted): the
+weighted gradients are summed in "gradient space", :math:`\sum_j c_j g_j` with Simpson's
+integer weights :math:`c_j \in \{1, 2, 4\}`, in one accumulator that is the buffer of
+:math:`g(\theta_t)` (``start``, reused in place); autograd adds each new gradient straight
+into it (``loss_and_grad.accumulate``: the scaled loss :math:`c_j L` is differentiated, exact
+for powers of two), so no gradient copy exists besides it; one evaluation point is rebuilt in
+place; :math:`\Delta` is formed block by block when the accumulator becomes
+:math:`LC = \Delta \odot \sum_j c_j g_j / 3N`. ``simpson``: accumulator + point, then
+accumulator + the kept gradient at :math:`\theta_{t+1}` = **2**; ``adaptive`` needs a second
+accumulator for the odd points (**3**, and 4 while it refines with the kept end gradient);
+``first_order``: **2**. A ``loss_and_grad`` without ``accumulate`` costs one gradient copy more.
+No Lightning import; weights are never modified (evaluation through the caller's
 ``loss_fn`` / ``loss_and_grad``, e.g. :func:`torch.func.functional_call`).
 """
 
@@ -113,7 +122,10 @@ def loss_change_allocation(
         tolerance: Absolute error bound of ``adaptive``.
         max_splits: Largest number of splits of ``adaptive``.
         loss_and_grad: ``params -> (loss, grads)``; overrides autograd on ``loss_fn`` (e.g.
-            chunked full-probe-set gradients, :func:`model_loss_and_grad`).
+            chunked full-probe-set gradients, :func:`model_loss_and_grad`). If it also has a
+            method ``accumulate(params, out, weight) -> loss`` that adds ``weight * grad`` into
+            the tensors of ``out`` in place (as :class:`ModelLossAndGrad`), no gradient copy is
+            made besides the accumulator.
         start: ``(loss, grads)`` already known at ``before`` (the previous step's
             ``grad_after``); saves one gradient evaluation. Its gradient tensors are used as
             workspace and overwritten (pass copies to keep them).
@@ -186,6 +198,8 @@ def loss_change_allocation(
             out[k].add_(g1[k])
         return loss1, g1
 
+    loss1: Tensor | float
+    g1: dict[str, Tensor] | None
     if method == "first_order":
         if keep_grad_after:
             loss1, g1 = grad_fn(dict(after))
