@@ -7,14 +7,15 @@ chain of known layers its exact structured path (first moved layer computed once
 direction, per-point ``bmm`` after it, see ``core/landscape_affine.py``); the ``vmap`` column
 is the generic fallback (``vmap`` over ``functional_call`` with stacked parameters).
 Target (issue 7): at least 5x faster on CPU. Runs are interleaved and the median is reported
-(the machine may be shared). ``flop bound``: the loop's multiply-add FLOPs over the
+(the machine may be shared). ``flop ratio``: the loop's multiply-add FLOPs over the
 structured path's (its speed-up if both ran their products at the same FLOP rate; the layers
 after the first moved one must run once per point with that point's weights and inputs).
-Run: ``python benchmarks/bench_landscape.py``.
+Run: ``python benchmarks/bench_landscape.py [--threads N]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -115,7 +116,9 @@ def case(
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    torch.set_num_threads(parser.parse_args().threads)
     gen = torch.Generator().manual_seed(1)
     cases = [
         (
@@ -140,7 +143,7 @@ def main() -> None:
     ]
     print(
         f"{'case':34s} {'loop [s]':>9s} {'vmap [s]':>9s} {'fast [s]':>9s} {'vmap':>6s} "
-        f"{'fast':>6s} {'flop bound':>10s}  target >= {TARGET:.0f}x (fast)"
+        f"{'fast':>6s} {'flop ratio':>10s}  target >= {TARGET:.0f}x (fast)"
     )
     for name, model, inputs, res in cases:
         label, t, bound = case(name, model, inputs, res, repeats=5)

@@ -6,9 +6,12 @@ weights spanned by the radial direction :math:`\theta` and a random direction (t
 tunnel": training moves mostly outwards and every random 2-D cut shows a convex depression
 around the current point), on a plane of two random directions (Li et al. 2018), and along a
 polygonal chain between parameter sets (low-loss connectors; averaging checkpoints that lie
-on different wedges fails). The model's weights are never written: every point is evaluated
-with :func:`torch.func.functional_call`, and many points at once by
-:func:`torch.func.vmap` over a stack of parameter sets, chunked to a memory budget.
+on different wedges fails). The model's weights are never written. Planes and paths are
+affine families of weights; for a chain of known layers they are evaluated exactly by
+:func:`~lightning_probes.core.landscape_affine.affine_family_loss` (the first layer the
+directions move is linear in its weights, so it is computed once per direction; per-point
+``bmm`` after it); any other model falls back to :func:`torch.func.vmap` over a stack of
+parameter sets with :func:`torch.func.functional_call`, chunked to a memory budget.
 
 Parameters are ``{name: tensor}`` dicts (:data:`Params`); a *stack* holds ``m`` points as
 ``{name: [m, *shape]}``.
