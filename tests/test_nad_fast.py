@@ -157,6 +157,9 @@ def test_local_prefix_vmapped_chunks_equal_the_loop():
     )
     expected = torch.stack([_naive(n.eval(), x0) for n in nets])
     torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
+    ev = _evaluator(nets[0], x0)
+    ev([_state(n) for n in nets[:3]])
+    assert ev.vectorize_first  # the shortcut itself ran under vmap, no fallback
 
 
 class ConvHead(nn.Module):
@@ -189,7 +192,10 @@ def test_first_layer_shortcut_equals_a_naive_loop(factory, shape, chunk):
                 m.running_mean.uniform_(-1, 1)
                 m.running_var.uniform_(0.5, 2)
     x0 = torch.randn(shape, dtype=torch.float64)
-    assert isinstance(_evaluator(nets[0].eval(), x0).first, FirstLayer)
+    ev = _evaluator(nets[0].eval(), x0)
+    assert isinstance(ev.first, FirstLayer)
+    ev([_state(n) for n in nets])
+    assert ev.vectorize_first
     it = iter(nets)
     grads, _ = network_gradients(
         lambda: next(it), shape, num_networks=3, eval_point=x0, chunk_size=chunk

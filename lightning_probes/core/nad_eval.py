@@ -103,6 +103,7 @@ class _ChunkEvaluator:
         self.x0 = x0.to(self.device, dtype)
         self.method, self.step = method, step
         self.vectorize = True
+        self.vectorize_first = True
         sample_bytes, outputs = _activation_bytes(self.template, self.x0)
         self.sample_bytes = sample_bytes
         self.projection: Tensor | None = None
@@ -152,13 +153,7 @@ class _ChunkEvaluator:
                 i1 = min(d, i0 + self.block)
                 b = i1 - i0
                 if self.first is not None:
-                    h = [
-                        self.first.outputs(
-                            {k: v[j] for k, v in params.items()}, self.x0, i0, i1, self.step
-                        )
-                        for j in range(len(states))
-                    ]
-                    first_out = h[0][None] if len(h) == 1 else torch.stack(h)  # no copy for 1
+                    first_out = self._first_outputs(params, i0, i1)
                     dummy = self.x0.expand(2 * b, *self.x0.shape)  # unused: layer injected
                     y = self._scalar(self._forward(params, buffers, dummy, first_out=first_out))
                 else:
@@ -172,6 +167,27 @@ class _ChunkEvaluator:
                 # f = -net:  (f(x0 + h e_i) - f(x0 - h e_i)) / 2h
                 cols.append((y[:, b:] - y[:, :b]) / (2 * self.step))
         return torch.cat(cols, dim=1)
+
+    def _first_outputs(self, params: dict[str, Tensor], i0: int, i1: int) -> Tensor:
+        """``(g, 2b, ...)`` the shortcut's outputs for each network (vmapped when g > 1)."""
+        first = self.first
+        assert first is not None
+        g = next(iter(params.values())).shape[0]
+        if g == 1:
+            return first.outputs({k: v[0] for k, v in params.items()}, self.x0, i0, i1, self.step)[
+                None
+            ]
+        if self.vectorize_first:
+            try:
+                return vmap(lambda p: first.outputs(p, self.x0, i0, i1, self.step))(params)
+            except Exception:  # an op without a batching rule: a loop gives the same values
+                self.vectorize_first = False
+        return torch.stack(
+            [
+                first.outputs({k: v[j] for k, v in params.items()}, self.x0, i0, i1, self.step)
+                for j in range(g)
+            ]
+        )
 
     def _scalar(self, out: Tensor) -> Tensor:
         out = out.reshape(out.shape[0], out.shape[1], -1)

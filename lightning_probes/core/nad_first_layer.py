@@ -119,8 +119,9 @@ class FirstLayer:
         out = base.reshape(1, cout, self.positions).expand(2 * b, -1, -1).contiguous()
         delta = step * weight.reshape(cout, -1).T[k]  # (nnz, C): h A e_i at its positions
         # each (input, position) pair occurs once: plain indexed updates are exact
-        out[rows, :, pos] += delta
-        out[rows + b, :, pos] -= delta
+        view = out.transpose(1, 2)  # (2b, L, C), a view: adjacent indices also under vmap
+        view[rows, pos] += delta
+        view[rows + b, pos] -= delta
         return out.reshape(2 * b, *self.out_shape)
 
     @contextmanager
@@ -688,9 +689,9 @@ class _SecondStage:
         base_p = p0.reshape(c1, -1)[:, qidx]  # (C1, b, Q)
         dp = (changed.view(c1, 2, b, -1) - base_p[:, None]).permute(1, 2, 0, 3)  # (2, b, C1, Q)
         bh, bw = self.box
-        box = dp.new_zeros(2, b, c1, bh * bw)
         slots = self.slot_idx[i0:i1][None, :, None, :].expand(2, -1, c1, -1)
-        box.scatter_(3, slots, dp)  # a repeated slot writes the same value again
+        box = torch.zeros(2, b, c1, bh * bw, dtype=dp.dtype, device=dp.device)
+        box = box.scatter(3, slots, dp)  # a repeated slot writes the same value again
         ch, cw = m.kernel_size
         delta = F.conv2d(box.view(b2, c1, bh, bw), weight, None, 1, (ch - 1, cw - 1))
         o = weight.shape[0]
@@ -715,7 +716,7 @@ class _SecondStage:
         hpc, wpc = out.shape[1:]
         out = out.reshape(1, 1, o, -1).expand(2, b, -1, -1).contiguous()
         pi = self.pool_idx[i0:i1][None, :, None, :].expand(2, -1, o, -1)
-        out.scatter_(3, pi, pooled)
+        out = out.scatter(3, pi, pooled)
         _, hp, wp = self.out_shape
         out = out.view(b2, o, hpc, wpc)[:, :, mpr : mpr + hp, mpc : mpc + wp]
         return out.contiguous()
