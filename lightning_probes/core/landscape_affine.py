@@ -154,6 +154,15 @@ def affine_family_loss(
 
     Returns:
         ``[m]`` losses, or ``None`` (unsupported model).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> data = ProbeSet(torch.randn(8, 3), torch.randint(0, 2, (8,)))
+        >>> theta = {k: p.detach() for k, p in net.named_parameters()}
+        >>> ones = {k: torch.ones_like(p) for k, p in theta.items()}
+        >>> affine_family_loss(net, data, theta, [ones], torch.tensor([[0.0], [0.5]])).shape
+        torch.Size([2])
     """
     if data.targets is None:
         raise ValueError("Expected a probe set with targets to evaluate a loss, got none.")
@@ -186,7 +195,11 @@ def affine_family_loss(
         if ref.device.type == "cpu":  # larger groups spill the caches and lose
             points_per_call = min(points_per_call, _CPU_GROUP_BYTES // max(1, acts))
     group = max(1, points_per_call)
-    steps = [_step(link, mv, center, stacks) for link, mv in zip(chain[first:], moved[first:])]
+    budget = memory_budget_mb * 2**20 / 4
+    steps = [
+        _step(link, mv, center, stacks, ones_coefs, budget)
+        for link, mv in zip(chain[first + 1 :], moved[first + 1 :])
+    ]
     total = torch.zeros(m, dtype=torch.float64, device=ref.device)
     with torch.no_grad():
         for x, targets, size in chunks(data, chunk_size):
@@ -200,10 +213,11 @@ def affine_family_loss(
             base, prods = _products(chain[first], center, directions, h)
             parts = []
             for start in range(0, m, group):
-                c = ones_coefs[start : start + group]
+                sl = slice(start, start + group)
+                c = ones_coefs[sl]
                 z = torch.mm(c, prods).view(len(c), *base.shape)
-                for step in steps[1:]:
-                    z = step(z, c)
+                for step in steps:
+                    z = step(z, sl)
                 parts.append(reduce(z))
             total += torch.cat(parts).to(total.dtype) * (size / n_total)
     return total.to(ref.dtype)
@@ -236,21 +250,30 @@ def _fixed(link: Link, center: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _step(
-    link: Link, moved: bool, center: Mapping[str, Tensor], stacks: Mapping[str, Tensor]
-) -> Callable[[Tensor, Tensor], Tensor]:
-    """``(z [P, n, ...], c [P, 1 + K]) -> the layer's output at the points c``."""
+    link: Link,
+    moved: bool,
+    center: Mapping[str, Tensor],
+    stacks: Mapping[str, Tensor],
+    coefs: Tensor,
+    budget: float,
+) -> Callable[[Tensor, slice], Tensor]:
+    """``(z [P, n, ...], points) -> the layer's output at those points (rows of coefs)``."""
     if type(link.module) is nn.ReLU:
-        return lambda z, c: z.relu_()  # z is the group's own temporary
+        return lambda z, sl: z.relu_()  # z is the group's own temporary
     fixed = _fixed(link, center)
     if not moved:
-        return lambda z, c: _folded(link, fixed, z)
+        return lambda z, sl: _folded(link, fixed, z)
     rows = {k: stacks.get(n) for k, n in link.names.items()}
+    m, size = len(coefs), sum(p.numel() * p.element_size() for p in fixed.values())
+    # the layer's parameters at every point, one mm each: at once when small, else per group
+    every = {k: torch.mm(coefs, r) for k, r in rows.items() if r is not None and m * size < budget}
 
-    def per_point(z: Tensor, c: Tensor) -> Tensor:
-        w = {  # the layer's parameters at the points: one mm each
+    def per_point(z: Tensor, sl: slice) -> Tensor:
+        c = coefs[sl]
+        w = {
             k: fixed[k].expand(len(c), *fixed[k].shape)
             if r is None
-            else torch.mm(c, r).view(len(c), *fixed[k].shape)
+            else (every[k][sl] if k in every else torch.mm(c, r)).view(len(c), *fixed[k].shape)
             for k, r in rows.items()
         }
         return _per_point_forward(link, w, z)
