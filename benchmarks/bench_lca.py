@@ -11,7 +11,8 @@ repeats):
 
 Target (issue 4): Simpson in steady state at most 2.3× one gradient evaluation (the limit is
 2.0: a midpoint and an endpoint gradient). Peak memory is measured separately on a wider model
-(RSS sampled while glibc returns every large block to the OS), in copies of the parameters.
+(RSS sampled while glibc returns every large block to the OS), in copies of the parameters,
+together with the number of parameter-sized buffers alive (counted by storage).
 
     .venv/bin/python benchmarks/bench_lca.py [--steps 12] [--lca-size 2048]
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import statistics
 import threading
 import time
@@ -172,6 +174,51 @@ class PeakRSS:
         self.peak = max(self.peak, self.rss())
 
 
+class BufferCount:
+    """Parameter-sized buffers alive at every forward pass (a forward pre-hook), by storage.
+
+    Every live tensor the garbage collector sees (and every leaf's ``.grad``) with the element
+    count of one marker parameter (a shape no activation has) is a copy of that parameter;
+    storages in ``exclude()`` (the model's own weights, the caller's θ_t snapshot) are not
+    counted. Independent of the allocator: counts what LCA keeps, not transients.
+    """
+
+    def __init__(self, numel: int, exclude: Callable[[], set[int]]) -> None:
+        self.numel = numel
+        self.exclude = exclude
+        self.peak = 0
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        tensors = [o for o in gc.get_objects() if type(o) in (torch.Tensor, nn.Parameter)]
+        tensors += [t.grad for t in tensors if t.is_leaf and t.grad is not None]
+        ptrs = {t.untyped_storage().data_ptr() for t in tensors if t.numel() == self.numel}
+        self.peak = max(self.peak, len(ptrs - self.exclude()))
+
+
+def callback_footprint(
+    grad_fn: Callable[..., Any],
+    before: dict[str, torch.Tensor],
+    after: dict[str, torch.Tensor],
+    method: str,
+    **kwargs: Any,
+) -> None:
+    """What the callback holds in a window of consecutive steps, and one allocation.
+
+    θ_t (its own copy), the kept gradient (handed over as ``start``), the cumulative LC, and
+    the allocation; the per-step LC is added into the cumulative one as the callback does.
+    """
+    kept = grad_fn(dict(before))
+    theta_t = {k: v.clone() for k, v in before.items()}
+    cumulative = {k: torch.zeros_like(v) for k, v in before.items()}
+    res = loss_change_allocation(
+        None, theta_t, after, method=method, loss_and_grad=grad_fn, start=kept, **kwargs
+    )  # type: ignore[arg-type]
+    del kept
+    for k, v in res.lc.items():
+        cumulative[k] += v
+    del res, theta_t, cumulative
+
+
 def memory(args: argparse.Namespace) -> None:
     try:  # return every block >= 64 KiB to the OS at once, so RSS tracks live tensors
         ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
@@ -187,38 +234,55 @@ def memory(args: argparse.Namespace) -> None:
         for p in model.parameters():
             p.add_(torch.randn_like(p), alpha=1e-3)
     after = {k: v.detach() for k, v in model.named_parameters()}
-    results = {}
+    marker = list(model.parameters())[-2]  # the output layer's weight: no activation is as big
+    own = {marker.data_ptr(), before[list(before)[-2]].data_ptr()}
+    cases: dict[str, tuple[str, dict[str, Any]]] = {
+        "LCA simpson": ("simpson", {}),
+        "LCA adaptive (tol 1e-3)": ("adaptive", {}),
+        # not the issue's workload: forced to refine (8 splits), to show adaptive's worst peak
+        "LCA adaptive, refining to 8 splits": ("adaptive", {"tolerance": 1e-30, "max_splits": 8}),
+    }
+    rss: dict[str, float] = {}
+    buffers: dict[str, int] = {}
     for _ in range(2):  # second round: allocator and autograd warmed up
         with PeakRSS() as m:
             _ = grad_fn(dict(after))
             del _
-        results["plain gradient evaluation"] = (m.peak - m.base) / nbytes
-        for method in ("simpson", "adaptive"):
-            # the callback's whole footprint in a window of consecutive steps: θ_t, the kept
-            # gradient, the cumulative LC, and the allocation itself
+        rss["plain gradient evaluation"] = (m.peak - m.base) / nbytes
+        for label, (method, kwargs) in cases.items():
             with PeakRSS() as m:
-                kept = grad_fn(dict(before))
-                theta_t = {k: v.clone() for k, v in before.items()}
-                cumulative = {k: torch.zeros_like(v) for k, v in before.items()}
-                res = loss_change_allocation(
-                    None, theta_t, after, method=method, loss_and_grad=grad_fn, start=kept
-                )
-                del kept
-                for k, v in res.lc.items():
-                    cumulative[k] += v
-                del res, theta_t, cumulative
-            results[f"LCA {method}: all the callback holds"] = (m.peak - m.base) / nbytes
+                callback_footprint(grad_fn, before, after, method, **kwargs)
+            rss[label] = (m.peak - m.base) / nbytes
+    for label, (method, kwargs) in cases.items():  # counted apart: the scans take time
+        count = BufferCount(marker.numel(), lambda: own)
+        handle = model.register_forward_pre_hook(count)
+        try:
+            callback_footprint(grad_fn, before, after, method, **kwargs)
+        finally:
+            handle.remove()
+        buffers[label] = count.peak
     print(
         f"\nPeak memory above the model and its inputs, in copies of the parameters "
-        f"({nbytes / 2**20:.0f} MiB each; width {args.mem_width}); target: LCA adds <= 4\n"
+        f"({nbytes / 2**20:.0f} MiB each; width {args.mem_width}, LCA set of 64 in one chunk); "
+        f"target: LCA adds <= 4\n"
     )
-    for label, copies in results.items():
-        print(f"{label:40s} {copies:6.2f}")
+    print(f"{'all the callback holds':38s} {'buffers':>8s} {'RSS':>7s}  target")
+    for label, copies in rss.items():
+        count = "-" if label.startswith("plain") else str(buffers[label])
+        target = ""
+        if label == "LCA simpson":
+            target = "<= 4 copies: " + ("met" if buffers[label] <= 4 else "NOT met")
+            target += f" (RSS {'<=' if copies <= 4 else '>'} 4)"
+        print(f"{label:38s} {count:>8s} {copies:7.2f}  {target}")
     print(
-        "LCA's peak = θ_t + cumulative LC (state) + accumulator (the kept gradient, reused in "
-        "place) + evaluation point + the gradient at that point (core.evaluation accumulates "
-        "it in place: one copy). Without the cumulative state, which is the result kept "
-        "across steps, the computation itself holds 4."
+        "buffers: parameter-sized tensors alive at the worst evaluation (counted by storage). "
+        "Simpson: θ_t + cumulative LC (the callback's state) + the accumulator Σ c_j g_j (the "
+        "kept gradient at θ_t, reused in place; autograd adds each new gradient straight into "
+        "it) + one evaluation point, rebuilt in place; at θ_{t+1} the point is the live model "
+        "and the kept gradient takes its place. Adaptive adds the odd-point accumulator, and "
+        "while it refines the kept end gradient sits next to the point. RSS above the buffers: "
+        "transients of one gradient evaluation (the chunk's activations and one layer's "
+        "gradient before it is added in place)."
     )
 
 

@@ -16,6 +16,13 @@ Lightning pitfalls handled here:
 - A step the AMP ``GradScaler`` skipped leaves the parameters unchanged: nothing is allocated.
 - When the next step is instrumented too, :math:`\theta_{t+1}` and the gradient there are kept
   as the next :math:`\theta_t` (Simpson in steady state: 2 gradient evaluations per step).
+
+Memory, in parameter-sized buffers beyond the model's weights, gradients and optimizer state:
+:math:`\theta_t`, the kept gradient and the cumulative LC between steps; during an allocation
+one evaluation point more, while the step's LC is formed in the kept gradient's buffer (autograd
+adds the new gradients straight into it): at most **4** with ``simpson`` or ``first_order``,
+5 with ``adaptive`` (its odd-point accumulator), 6 while ``adaptive`` refines. Per-step sums,
+histograms and the Weibull fit read the LC one layer or one block at a time.
 """
 
 from __future__ import annotations
