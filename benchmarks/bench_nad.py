@@ -4,7 +4,8 @@ Reference (the authors' ``GradientCovarianceAnisotropyFinder``): a Python loop o
 networks, each evaluated on the batch of all ``d`` inputs ``x0 + 100 e_i`` and then all
 ``x0 - 100 e_i``, then scikit-learn's PCA. Ours: :func:`network_gradients` (cache-sized input
 blocks; vmap over networks on GPU; LeNet's ``conv1 -> relu -> max_pool2d`` start evaluated
-only in the pooling windows each ``e_i`` reaches, ``core.nad_first_layer``) and
+only in the pooling windows each ``e_i`` reaches, and conv2 -> relu -> max_pool2d too,
+``core.nad_local``) and
 :func:`principal_axes`.
 
 The issue asks for 1,000 networks; timing the reference on 1,000 takes minutes, so both are

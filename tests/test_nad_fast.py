@@ -1,4 +1,4 @@
-"""core.nad_first_layer: the secant shortcuts equal a naive loop, and are used only when exact."""
+"""core.nad_first_layer/_local/_second_stage: secant shortcuts equal a naive loop, used if exact."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from torch import nn
 
 from lightning_probes.core.nad import _state, network_gradients
 from lightning_probes.core.nad_eval import _ChunkEvaluator
-from lightning_probes.core.nad_first_layer import FirstLayer, LocalPrefix
+from lightning_probes.core.nad_first_layer import FirstLayer
+from lightning_probes.core.nad_local import LocalPrefix
 
 
 def _naive(net, x0, step=100.0):

@@ -21,9 +21,10 @@ first layer's activations to memory) — and on GPU the networks of a chunk are 
 :func:`torch.func.functional_call`, many small kernels becoming a few large ones
 (:mod:`lightning_probes.core.nad_eval`). For the secant method, a linear first layer applied
 to the input alone is not evaluated: :math:`A(x_0 \pm h e_i) + b = (A x_0 + b) \pm h A e_i`,
-built from its weights; and a ``conv -> activations -> max_pool2d`` start is evaluated only
-in the few pooling windows each :math:`e_i` reaches (:mod:`lightning_probes.core.nad_first_layer`,
-used only where a check shows it exact; otherwise the whole network is evaluated).
+built from its weights (:mod:`lightning_probes.core.nad_first_layer`); and a
+``conv -> act -> max_pool2d`` start (and a second one after it) is evaluated only in the few
+pooling windows each :math:`e_i` reaches (:mod:`lightning_probes.core.nad_local`). Both are
+used only where a check shows them exact; otherwise the whole network is evaluated.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ networks and reduces their outputs, and by :class:`~lightning_probes.callbacks.n
   memory budget, the networks of a chunk stacked and evaluated together by
   :func:`torch.func.vmap` over :func:`torch.func.functional_call` (a loop where vmap fails);
   the first layer's outputs (or a local ``conv -> activations -> max_pool2d`` start) built
-  without evaluating it where :mod:`lightning_probes.core.nad_first_layer` finds that exact.
+  without evaluating it where :mod:`~lightning_probes.core.nad_local` or
+  :mod:`~lightning_probes.core.nad_first_layer` finds that exact.
 - :func:`input_gradient_energy`: how a trained network's input Jacobian distributes over the
   NADs (re-exported by :mod:`lightning_probes.core.nad`).
 """
@@ -26,12 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from lightning_probes.core.nad_first_layer import (
-    FirstLayer,
-    LocalPrefix,
-    find_first_layer,
-    find_local_prefix,
-)
+from lightning_probes.core.nad_first_layer import FirstLayer, find_first_layer
+from lightning_probes.core.nad_local import LocalPrefix, find_local_prefix
 
 if TYPE_CHECKING:
     from lightning_probes.core.nad import Method
@@ -118,7 +115,7 @@ class _ChunkEvaluator:
         self.default_budget = 2**30 if cuda else 2**25
         self.block = 1
         # a linear first layer applied to the input alone: its outputs on the secant inputs
-        # are built from its weights instead of evaluated (`core.nad_first_layer`)
+        # are built from its weights instead of evaluated (`core.nad_local`, `nad_first_layer`)
         self.first: FirstLayer | LocalPrefix | None = None
         self.tail_names: set[str] = set()
         if method == "secant":
