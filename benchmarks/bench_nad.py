@@ -3,10 +3,9 @@
 Reference (the authors' ``GradientCovarianceAnisotropyFinder``): a Python loop over
 networks, each evaluated on the batch of all ``d`` inputs ``x0 + 100 e_i`` and then all
 ``x0 - 100 e_i``, then scikit-learn's PCA. Ours: :func:`network_gradients` (cache-sized input
-blocks; vmap over networks on GPU; LeNet's ``conv1 -> relu -> max_pool2d`` start evaluated
-only in the pooling windows each ``e_i`` reaches, and conv2 -> relu -> max_pool2d too,
-``core.nad_local``) and
-:func:`principal_axes`.
+blocks; vmap over networks on GPU; LeNet's ``conv1 -> relu -> max_pool2d`` and the
+``conv2 -> relu -> max_pool2d`` after it evaluated only in the pooling windows each ``e_i``
+reaches, ``core.nad_local``) and :func:`principal_axes`.
 
 The issue asks for 1,000 networks; timing the reference on 1,000 takes minutes, so both are
 timed on ``NETS`` networks per repeat (interleaved, median over repeats, after a warm-up) and

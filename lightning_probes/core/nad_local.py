@@ -95,7 +95,9 @@ class LocalPrefix:
         windows = (a * w + b).reshape(hp * wp, kh * kw)
         # pooled windows each pixel changes: max-pool the pixel's hit map, in chunks
         pix, ll = layer.pix.cpu(), layer.ll.cpu()
-        affected: list[Tensor] = []
+        # (pixel, window) pairs, in pixel then window order, without a dense (d, Lp) map
+        rows_l: list[Tensor] = []
+        cols_l: list[Tensor] = []
         chunk = max(1, 2**22 // positions)
         for i0 in range(0, d, chunk):
             i1 = min(d, i0 + chunk)
@@ -103,16 +105,17 @@ class LocalPrefix:
             hit = torch.zeros(i1 - i0, positions)
             hit[pix[lo:hi] - i0, ll[lo:hi]] = 1.0
             pooled = F.max_pool2d(hit.view(-1, 1, h, w), (kh, kw), (sh, sw)).flatten(1) > 0
-            affected.append(pooled)
-        hits = torch.cat(affected)  # (d, Lp)
-        counts = hits.sum(1)
+            r, col = pooled.nonzero(as_tuple=True)
+            rows_l.append(r + i0)
+            cols_l.append(col)
+        rows, cols = torch.cat(rows_l), torch.cat(cols_l)
+        counts = torch.bincount(rows, minlength=d)
         slots = max(1, int(counts.max()))
         # the j-th affected window of each pixel; pad with its first (same value written
         # twice), or window 0 without change when a pixel changes nothing
-        rank = hits.long().cumsum(1) - 1
+        first = torch.cumsum(counts, 0) - counts
         q = torch.zeros(d, slots, dtype=torch.long)
-        rows, cols = hits.nonzero(as_tuple=True)
-        q[rows, rank[rows, cols]] = cols
+        q[rows, torch.arange(rows.numel()) - first[rows]] = cols
         pad = torch.arange(slots)[None, :] >= counts[:, None]
         q = torch.where(pad, q[:, :1], q)
         self.qidx = q
