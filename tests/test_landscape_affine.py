@@ -20,7 +20,8 @@ from lightning_probes.core.landscape import (
     random_direction,
     trainable_parameters,
 )
-from lightning_probes.core.landscape_affine import affine_family_loss, trace_chain
+from lightning_probes.core.landscape_affine import affine_family_loss
+from lightning_probes.core.landscape_chain import trace_chain
 
 Params = dict[str, torch.Tensor]
 
@@ -218,6 +219,7 @@ class Custom(nn.Linear):  # a subclass may compute anything
         InPlace(),
         nn.Sequential(nn.Linear(6, 4), nn.PReLU(), nn.Linear(4, 3)),
         nn.Sequential(Custom(6, 3)),
+        nn.Sequential(nn.Linear(6, 3), nn.Softmax(dim=1)),  # a dim could be the sample axis
     ],
 )
 def test_models_outside_the_chain_fall_back_to_vmap(net):

@@ -2,7 +2,8 @@ r"""Exact loss on an affine family of weights (planes, segments) for chains of k
 
 Every point of a loss plane (Fort & Jastrzebski, NeurIPS 2019; Li et al., NeurIPS 2018) or of
 a polygonal path through weight space is :math:`\theta_i = \theta_c + \sum_k C_{ik} d_k`. When
-the network is a chain of known layers (checked by tracing one sample through it), three facts
+the network is a chain of known layers (checked by tracing one sample through it,
+:func:`~lightning_probes.core.landscape_chain.trace_chain`), three facts
 make the family much cheaper to evaluate than one ``functional_call`` per point, while the
 result stays the per-point loss up to float rounding:
 
@@ -11,7 +12,7 @@ result stays the per-point loss up to float rounding:
 * That first moved layer (Linear, Conv, eval-mode BatchNorm, LayerNorm) is linear in its
   parameters: its output at point :math:`i` is
   :math:`f(h; \theta_c) + \sum_k C_{ik} f(h; d_k)` -- ``K + 1`` forward products for all
-  points instead of one per point, combined by one ``addmm``.
+  points instead of one per point, combined by one ``mm`` with ``[1, C_i]``.
 * The remaining layers run for a group of ``P`` points at once with per-point weights built
   on the fly (one ``baddbmm`` per Linear layer), and the loss is reduced for the group at once.
 
@@ -21,102 +22,18 @@ Index letters: ``P`` points of a group, ``K`` directions, ``n`` samples of a chu
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from lightning_probes.core.data import ProbeSet, slice_rows
+from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import LossFn, OutputFn, chunks, default_loss
+from lightning_probes.core.landscape_chain import CONV, Link, trace_chain
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm)
-_WITH_PARAMS = (nn.Linear, *_CONV, *_NORM)
 _NARROW = 32  # Linear layers with fewer outputs are computed output-major (see below)
 _CPU_GROUP_BYTES = 8 * 2**20  # activations of a group of points kept cache-sized on the CPU
-_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-# Parameter-free layers that treat every sample independently: run on points x samples folded.
-_ELEMENTWISE = (
-    *(nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish),
-    *(nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid),
-    *(nn.Softsign, nn.Tanhshrink, nn.Identity, nn.Flatten, nn.Softmax, nn.LogSoftmax),
-    *(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d),
-    *(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d),
-    *(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d),
-    *_DROPOUT,
-)
-
-
-@dataclass
-class Link:
-    """One layer of a traced chain.
-
-    Attributes:
-        module: The layer.
-        names: ``{local parameter name: model parameter name}`` of its parameters.
-        width: Output elements per sample.
-    """
-
-    module: nn.Module
-    names: dict[str, str]
-    width: int
-
-
-def trace_chain(model: nn.Module, inputs: Any) -> list[Link] | None:
-    """The model as a chain of supported layers, or ``None`` when it is not one.
-
-    One sample is run through ``model`` with hooks on its leaf modules. The model is a chain
-    when every leaf module called takes exactly the previous one's output (the same tensor,
-    not modified in place in between; the first takes the model input) and the model returns
-    the last one's output: then ``model(x)`` is the composition of those layers. Every layer
-    must be a supported type (exactly, not a subclass), carry no hooks, and be in eval mode
-    where that matters (dropout, BatchNorm on running statistics).
-
-    Args:
-        model: The network.
-        inputs: Probe inputs ``[n, ...]`` (a single tensor; anything else gives ``None``).
-    """
-    if not isinstance(inputs, Tensor) or _has_global_hooks():
-        return None
-    names = {m: name for name, m in model.named_modules()}
-    calls: list[list[Any]] = []  # [module, input, input version, output, output version]
-
-    def pre(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        arg = args[0] if len(args) == 1 and not kwargs else None
-        calls.append([m, arg, getattr(arg, "_version", None), None, None])
-
-    def post(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        calls[-1][3:] = [out, getattr(out, "_version", None)]
-
-    leaves = [m for m in model.modules() if not list(m.children())]
-    if any(m._forward_hooks or m._forward_pre_hooks for m in leaves):
-        return None
-    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in leaves]
-    handles += [m.register_forward_hook(post, with_kwargs=True) for m in leaves]
-    sample = slice_rows(inputs, 0, 1)
-    try:
-        with torch.no_grad():
-            result = model(sample)
-    finally:
-        for h in handles:
-            h.remove()
-    prev, version = sample, sample._version
-    chain = []
-    for m, arg, arg_version, out, out_version in calls:
-        if arg is not prev or arg_version != version or not _supported(m) or m not in names:
-            return None
-        if not isinstance(out, Tensor):
-            return None
-        prefix = f"{names[m]}." if names[m] else ""
-        local = {k: prefix + k for k, p in m._parameters.items() if p is not None}
-        chain.append(Link(m, local, max(1, out.numel())))
-        prev, version = out, out_version
-    if not chain or result is not prev or result._version != version:
-        return None
-    return chain
 
 
 def affine_family_loss(
@@ -223,26 +140,6 @@ def affine_family_loss(
     return total.to(ref.dtype)
 
 
-def _supported(m: nn.Module) -> bool:
-    if isinstance(m, nn.Flatten) and m.start_dim == 0:
-        return False  # flattening the sample axis would mix the points
-    if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
-        return False  # batch statistics: the output of a sample depends on the others
-    if isinstance(m, nn.modules.dropout._DropoutNd) and m.training:
-        return False
-    kind = type(m)  # exact types: a subclass may override forward
-    if kind in _ELEMENTWISE:
-        return not m._parameters and not m._buffers
-    return kind in _WITH_PARAMS
-
-
-def _has_global_hooks() -> bool:
-    from torch.nn.modules import module as mod
-
-    names = ("_global_forward_hooks", "_global_forward_pre_hooks")
-    return any(bool(getattr(mod, n, None)) for n in names)
-
-
 def _fixed(link: Link, center: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The layer's parameters where no direction moves it (centre value or its own)."""
     own = link.module._parameters
@@ -326,7 +223,7 @@ def _per_point_forward(link: Link, w: dict[str, Tensor], z: Tensor) -> Tensor:
             wt = weight.transpose(1, 2)
             out = torch.baddbmm(w["bias"][:, None], x, wt) if "bias" in w else x @ wt
         return out.reshape(*z.shape[:-1], -1)
-    if isinstance(m, _CONV):
+    if isinstance(m, CONV):
         bias = w.get("bias")
         outs = [
             m._conv_forward(z[p], w["weight"][p], None if bias is None else bias[p])
