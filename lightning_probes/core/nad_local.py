@@ -93,22 +93,21 @@ class LocalPrefix:
         a = torch.arange(hp)[:, None, None, None] * sh + torch.arange(kh)[None, None, :, None]
         b = torch.arange(wp)[None, :, None, None] * sw + torch.arange(kw)[None, None, None, :]
         windows = (a * w + b).reshape(hp * wp, kh * kw)
-        # pooled windows each pixel changes: max-pool the pixel's hit map, in chunks
         pix, ll = layer.pix.cpu(), layer.ll.cpu()
-        # (pixel, window) pairs, in pixel then window order, without a dense (d, Lp) map
-        rows_l: list[Tensor] = []
-        cols_l: list[Tensor] = []
-        chunk = max(1, 2**22 // positions)
-        for i0 in range(0, d, chunk):
-            i1 = min(d, i0 + chunk)
-            lo, hi = layer.starts[i0], layer.starts[i1]
-            hit = torch.zeros(i1 - i0, positions)
-            hit[pix[lo:hi] - i0, ll[lo:hi]] = 1.0
-            pooled = F.max_pool2d(hit.view(-1, 1, h, w), (kh, kw), (sh, sw)).flatten(1) > 0
-            r, col = pooled.nonzero(as_tuple=True)
-            rows_l.append(r + i0)
-            cols_l.append(col)
-        rows, cols = torch.cat(rows_l), torch.cat(cols_l)
+        # (pixel, window) pairs: window (a, c) holds conv row r iff a sh <= r < a sh + kh
+        r, col = ll // w, ll % w
+        found_rows: list[Tensor] = []
+        found_cols: list[Tensor] = []
+        for u in range(-(-kh // sh)):
+            for v in range(-(-kw // sw)):
+                wr = torch.div(r, sh, rounding_mode="floor") - u
+                wc = torch.div(col, sw, rounding_mode="floor") - v
+                ok = (wr >= 0) & (wr < hp) & (wr * sh + kh > r) & (wc >= 0) & (wc < wp)
+                ok &= wc * sw + kw > col
+                found_rows.append(pix[ok])
+                found_cols.append((wr * wp + wc)[ok])
+        key = torch.unique(torch.cat(found_rows) * (hp * wp) + torch.cat(found_cols))  # sorted
+        rows, cols = key // (hp * wp), key % (hp * wp)
         counts = torch.bincount(rows, minlength=d)
         slots = max(1, int(counts.max()))
         # the j-th affected window of each pixel; pad with its first (same value written
