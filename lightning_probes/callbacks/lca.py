@@ -38,6 +38,7 @@ from typing_extensions import override
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.base import NonFiniteValueError, ProbeCallback
 from lightning_probes.callbacks.lca_plots import ROOT_LAYER, log_artefacts
+from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import LossFn, OutputFn, probe_loss
 from lightning_probes.core.lca import (
@@ -201,13 +202,28 @@ class LossContributionCallback(ProbeCallback):
             self._probe_set = ProbeSet(data.inputs.to(dtype), data.targets)
 
     @override
+    def predict_cost(
+        self, pl_module: LightningModule, data: ProbeSet, units: CostUnits
+    ) -> float | None:
+        r"""Predicted cost of the first allocated step (see :meth:`ProbeCallback.predict_cost`).
+
+        Cold, a step needs the gradient at :math:`\theta_t`, at the midpoints and at
+        :math:`\theta_{t+1}` on the LCA set: ``splits + 1`` gradient evaluations (first order:
+        one), each about three forward passes.
+        """
+        evaluations = 1 if self.method == "first_order" else self.splits + 1
+        return units.seconds(forwards=3 * evaluations)
+
+    @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Any
     ) -> None:
         if self._pending or self._should_skip(trainer):
             return  # a second optimizer (or closure call) of this batch: θ_t is already held
         # over budget, the window ends here (the next allocation starts cold, 3 evaluations)
-        if not self.instruments(trainer.global_step + 1) or not self._within_budget(trainer):
+        if not self.instruments(trainer.global_step + 1) or not self._within_budget(
+            trainer, pl_module
+        ):
             self._release()
             return
         params = self._trainable(pl_module)
