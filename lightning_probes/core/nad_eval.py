@@ -126,6 +126,10 @@ class _ChunkEvaluator:
                 self.tail_names |= {n for n, _ in tail.named_buffers()}
             else:
                 self.first = find_first_layer(self.template, self.x0, step)
+        if isinstance(self.first, LocalPrefix) and not cuda:
+            # its rows hold a few pooled values, not the first layers' maps: the estimate
+            # above is several times too high, and few large calls beat many small ones
+            self.default_budget = 2**28
 
     def plan(self, chunk_size: int, memory_budget: int | None) -> None:
         """Choose the number of basis vectors (secant) per call from the memory budget."""
