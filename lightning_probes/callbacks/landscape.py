@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.base import ProbeCallback
+from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import LossFn, OutputFn, probe_loss
 from lightning_probes.core.hessian import count_short_directions, hessian_top_eigenvalues
@@ -232,6 +233,26 @@ class LandscapeCallback(ProbeCallback):
             and not self._should_skip(trainer)
         ):
             self._before_step = {k: v.clone() for k, v in trainable_parameters(pl_module).items()}
+
+    @override
+    def predict_cost(
+        self, pl_module: LightningModule, data: ProbeSet, units: CostUnits
+    ) -> float | None:
+        """Predicted cost of the first run (see :meth:`ProbeCallback.predict_cost`).
+
+        The first run draws the loss planes: ``resolution²`` points per plane, each at most one
+        forward pass over the probe set, and a contour figure per plane; plus the loss, the
+        Hessian's Lanczos steps (about four forward passes per Hessian-vector product) and the
+        segments to kept checkpoints.
+        """
+        forwards = 1.0
+        figures = 0
+        if self.plane_every_n_runs:
+            forwards += len(self.planes) * self.plane_resolution**2
+            figures += len(self.planes) if plog.matplotlib_available() else 0
+        if self.hessian_top_k is not None:
+            forwards += 4 * (self.hessian_iters or max(40, 2 * self.hessian_top_k + 20))
+        return units.seconds(forwards=forwards, figures=figures)
 
     # ------------------------------------------------------------------ the probe
     @override
