@@ -17,6 +17,7 @@ from typing_extensions import override
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.base import ProbeCallback
 from lightning_probes.core.ablation import AblationValue, default_ablation_layers
+from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import OutputFn, as_logits
 from lightning_probes.core.interventions import trace_model
@@ -119,6 +120,17 @@ class SelectivityCallback(ProbeCallback):
         # resolves the intervention points on two samples: layers called more than once,
         # points shared by two layers or a model output without `output_fn` fail here
         trace_model(pl_module, data.inputs[:2], self.layers, self.follow_activation, self.output_fn)
+
+    @override
+    def predict_cost(
+        self, pl_module: LightningModule, data: ProbeSet, units: CostUnits
+    ) -> float | None:
+        """Predicted cost of the first run (see :meth:`ProbeCallback.predict_cost`).
+
+        One forward pass capturing the activations; the single-unit ablations of
+        ``importance=True`` (one masked pass per unit) are not predicted.
+        """
+        return None if self.importance else units.seconds(forwards=1)
 
     @override
     def probe(self, trainer: Trainer, pl_module: LightningModule, data: ProbeSet) -> None:
