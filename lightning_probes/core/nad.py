@@ -112,7 +112,7 @@ def neural_anisotropy_directions(
         svd: PCA solver, see :func:`~lightning_probes.functional.nad.principal_axes`.
         chunk_size: Networks evaluated together by one vmapped call (default 1 on CPU, where
             cache-sized input blocks are what pays off, and 128 on GPU).
-        memory_budget: Bytes of activations per call (default 32 MiB on CPU, 256 MiB there
+        memory_budget: Bytes of activations per call (default 32 MiB on CPU, 64 MiB there
             with the secant shortcut of :mod:`~lightning_probes.core.nad_local`, 1 GiB on GPU).
         device: Where to evaluate (default: where the factory's networks live).
         progress: Show a progress bar on stderr.
