@@ -148,13 +148,15 @@ def test_local_prefix_equals_a_naive_loop(name):
     torch.testing.assert_close(got, _naive(net, x0), rtol=1e-10, atol=1e-12)
 
 
-def test_local_prefix_vmapped_chunks_equal_the_loop():
+@pytest.mark.parametrize("cls", [TwoStage, LeNetLike])  # with and without a second stage
+def test_local_prefix_vmapped_chunks_equal_the_loop(cls):
     torch.manual_seed(1)
-    nets = [TwoStage().double() for _ in range(4)]
-    x0 = torch.randn(1, 16, 16, dtype=torch.float64)
+    size = 16 if cls is TwoStage else 12
+    nets = [cls().double() for _ in range(4)]
+    x0 = torch.randn(1, size, size, dtype=torch.float64)
     it = iter(nets)
     grads, _ = network_gradients(
-        lambda: next(it), (1, 16, 16), num_networks=4, eval_point=x0, chunk_size=3
+        lambda: next(it), (1, size, size), num_networks=4, eval_point=x0, chunk_size=3
     )
     expected = torch.stack([_naive(n.eval(), x0) for n in nets])
     torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)

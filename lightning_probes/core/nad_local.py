@@ -62,14 +62,14 @@ class LocalPrefix:
 
     For the chain ``conv -> act* -> max_pool2d -> act*`` (``act``: ``relu``, ``tanh``,
     ``sigmoid`` or ``nn.Identity``) at the start of a network (found by
-    :func:`torch.fx.symbolic_trace`), the input
-    :math:`x_0 \pm h e_i` changes the convolution's output only at the positions whose
-    receptive field holds pixel :math:`i`, hence the pooled map only in the windows that meet
-    them (at most a few). The chain's output is the one at :math:`x_0` with those pooled
-    values replaced; each is computed from the base convolution plus :math:`\pm h` times the
-    kernel entries, through the same activations and a max over its window — the same
-    operations on the same values as the network's (up to the convolution's summation order).
-    The rest of the network (``tail``: the traced graph with the chain's output as an input)
+    :func:`torch.fx.symbolic_trace`), the input :math:`x_0 \pm h e_i` changes the
+    convolution's output only at the positions whose receptive field holds pixel :math:`i`,
+    hence the pooled map only in the windows that meet them (at most a few). The chain's
+    output is the one at :math:`x_0` with those pooled values replaced; each is computed from
+    the base convolution plus :math:`\pm h` times the kernel entries, through the same
+    activations and a max over its window: the same operations on the same values as the
+    network's (up to the convolution's summation order). The rest of the network (``tail``:
+    the traced graph with the chain's output as an input)
     runs on it.
     """
 
@@ -126,15 +126,15 @@ class LocalPrefix:
         keys, kk = keys[order], layer.kk.cpu()[order]
         query = torch.arange(d)[:, None, None] * positions + lpos
         at = torch.searchsorted(keys, query).clamp(max=keys.numel() - 1)
-        self.kidx = torch.where(keys[at] == query, kk[at], torch.full_like(at, k_cols))
-        self.lpos = lpos
-        self.lpos_t = lpos.permute(2, 0, 1).contiguous()  # (T, d, Q)
-        self.kidx_t = self.kidx.permute(2, 0, 1).contiguous()
+        kidx = torch.where(keys[at] == query, kk[at], torch.full_like(at, k_cols))
+        # (T, d, Q): window entry t outermost, so the max over t runs on contiguous slices
+        self.lpos_t = lpos.permute(2, 0, 1).contiguous()
+        self.kidx_t = kidx.permute(2, 0, 1).contiguous()
         self.stage2: SecondStage | None = None
 
     def to(self, device: torch.device) -> LocalPrefix:
         """Move the index tensors to ``device``."""
-        for attr in ("qidx", "lpos", "kidx", "lpos_t", "kidx_t"):
+        for attr in ("qidx", "lpos_t", "kidx_t"):
             setattr(self, attr, getattr(self, attr).to(device))
         if self.stage2 is not None:
             self.stage2.to(device)
@@ -188,7 +188,7 @@ class LocalPrefix:
         out = out_base.expand(2 * b, -1, -1).contiguous()
         q = self.qidx[i0:i1].repeat(2, 1)  # (2b, Q)
         rows = torch.arange(2 * b, device=q.device)[:, None].expand_as(q)
-        out[rows, :, q] = vals.permute(1, 2, 0)
+        out.transpose(1, 2)[rows, q] = vals.permute(1, 2, 0)  # adjacent indices: vmap-safe
         return out.reshape(2 * b, *self.out_shape)
 
 
