@@ -75,17 +75,23 @@ def _sequential(conv, pool, size):
 
 
 LOCAL_NETS = {
-    "lenet": lambda: LeNetLike(),
-    "pool_then_relu": lambda: LeNetLike(pool_first=True),
-    "tanh_three_channels": lambda: LeNetLike(cin=3, act=torch.tanh),
-    "strided_padded": lambda: _sequential(
-        nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.MaxPool2d(2), (9, 7)
+    "lenet": (lambda: LeNetLike(), (1, 12, 12)),
+    "pool_then_relu": (lambda: LeNetLike(pool_first=True), (1, 12, 12)),
+    "tanh_three_channels": (lambda: LeNetLike(cin=3, act=torch.tanh), (3, 12, 12)),
+    "strided_padded": (
+        lambda: _sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.MaxPool2d(2), (9, 7)),
+        (2, 9, 7),
     ),
-    "dilated_overlapping_pool": lambda: _sequential(
-        nn.Conv2d(1, 2, 3, dilation=2, padding=2), nn.MaxPool2d(3, stride=2), (8, 9)
+    "dilated_overlapping_pool": (
+        lambda: _sequential(
+            nn.Conv2d(1, 2, 3, dilation=2, padding=2), nn.MaxPool2d(3, stride=2), (8, 9)
+        ),
+        (1, 8, 9),
     ),
-    "rectangular_pool_drops_rows": lambda: _sequential(
-        nn.Conv2d(1, 2, (2, 3)), nn.MaxPool2d((3, 2)), (8, 7)
+    "unit_pool": (lambda: _sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(1), (8, 7)), (1, 8, 7)),
+    "rectangular_pool_drops_rows": (
+        lambda: _sequential(nn.Conv2d(1, 2, (2, 3)), nn.MaxPool2d((3, 2)), (8, 7)),
+        (1, 8, 7),
     ),
 }
 
@@ -96,6 +102,7 @@ TWO_STAGE = {
         lambda: TwoStage((15, 17), conv2=nn.Conv2d(3, 2, 3, padding=2), pool2=3, act=torch.tanh),
         (1, 15, 17),
     ),
+    "unit_pool2": (lambda: TwoStage((10, 10), pool2=1), (1, 10, 10)),
     "strided_conv1_rgb_rect_kernel": (
         lambda: TwoStage(
             (26, 22), conv1=nn.Conv2d(3, 3, 3, stride=2, padding=1), conv2=nn.Conv2d(3, 2, (2, 3))
@@ -136,10 +143,8 @@ def _evaluator(net, x0, chunk=1):
 @pytest.mark.parametrize("name", list(LOCAL_NETS))
 def test_local_prefix_equals_a_naive_loop(name):
     torch.manual_seed(0)
-    net = LOCAL_NETS[name]().double().eval()
-    shape = {"lenet": (1, 12, 12), "pool_then_relu": (1, 12, 12)}.get(name)
-    shape = shape or {"tanh_three_channels": (3, 12, 12), "strided_padded": (2, 9, 7)}.get(name)
-    shape = shape or {"dilated_overlapping_pool": (1, 8, 9)}.get(name, (1, 8, 7))
+    factory, shape = LOCAL_NETS[name]
+    net = factory().double().eval()
     x0 = torch.randn(shape, dtype=torch.float64)
     ev = _evaluator(net, x0)
     assert isinstance(ev.first, LocalPrefix)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 
 class SecondStage:
-    r"""``conv2 -> act* -> max_pool2d -> act*`` after a :class:`LocalPrefix`'s chain, locally.
+    r"""``conv2 -> act* -> max_pool2d -> act*`` after a ``LocalPrefix``, evaluated locally.
 
     The prefix changes its output map :math:`P` only at a few positions (a box per pixel);
     ``conv2`` is linear, so :math:`\text{conv2}(P_0 + \Delta P) = \text{conv2}(P_0) +
@@ -128,7 +128,7 @@ class SecondStage:
         b2 = changed.shape[1]
         b = b2 // 2
         base_p = p0.reshape(c1, -1)[:, qidx]  # (C1, b, Q)
-        dp = (changed.view(c1, 2, b, -1) - base_p[:, None]).permute(1, 2, 0, 3)  # (2, b, C1, Q)
+        dp = (changed.reshape(c1, 2, b, -1) - base_p[:, None]).permute(1, 2, 0, 3)  # (2, b, C1, Q)
         bh, bw = self.box
         slots = self.slot_idx[i0:i1][None, :, None, :].expand(2, -1, c1, -1)
         box = torch.zeros(2, b, c1, bh * bw, dtype=dp.dtype, device=dp.device)
@@ -146,8 +146,8 @@ class SecondStage:
         for fn in self.before:
             vals = fn(vals)
         (kh, kw), (nh, nw) = self.pool, self.windows
-        pooled = max_over(vals.view(b2, o, nh, kh, nw * kw), 3)  # (2b, O, nh, nw * kw)
-        pooled = max_over(pooled.view(b2, o, nh, nw, kw), 4).reshape(2, b, o, -1)
+        pooled = max_over(vals.reshape(b2, o, nh, kh, nw * kw), 3)  # (2b, O, nh, nw * kw)
+        pooled = max_over(pooled.reshape(b2, o, nh, nw, kw), 4).reshape(2, b, o, -1)
         for fn in self.after:
             pooled = fn(pooled)
         base_pool = F.max_pool2d(apply_all(self.before, base2[None]), self.pool)
