@@ -159,7 +159,7 @@ class LayerCKACallback(ProbeCallback):
         Exact kernels: one capture forward, ``o`` batched backward passes, and per layer the
         kernel product (Linear: :math:`(no)^2 d_{out} + n^2 d_{in}` multiply-adds; otherwise
         through per-sample gradients, :math:`(no)^2 P_l`), its statistics and ~15 block-Lanczos
-        products of 8 vectors for the stable rank; plus two figures. The Hutchinson estimator
+        products of 16 vectors for the stable rank; plus two figures. The Hutchinson estimator
         is not predicted.
         """
         if self.estimator != "exact":

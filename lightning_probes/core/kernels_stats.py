@@ -216,7 +216,7 @@ def _top_eigenvalue(
     centering: Centering,
     device: torch.device,
     iters: int = 300,
-    block: int = 8,
+    block: int = 16,
     tol: float = 1e-10,
 ) -> Tensor:
     """Top eigenvalue of :math:`K_c` by block subspace iteration, centring implicitly.
