@@ -168,3 +168,22 @@ def test_invalid_arguments(kwargs, error, match):
 def test_state_key_depends_on_configuration():
     assert NADCallback(num_networks=8).state_key != NADCallback(num_networks=9).state_key
     assert NADCallback(num_networks=8).state_key == NADCallback(num_networks=8).state_key
+
+
+def test_under_a_budget_the_basis_is_computed_by_the_first_admitted_run(tmp_path):
+    eager = NADCallback(num_networks=32, every_n_steps=3, probe_size=24, max_overhead=None)
+    trainer, _ = fit(tmp_path, [eager], max_steps=6)
+    assert trainer.logger.steps_of("probes/nad/spectrum_share_top") == [0]
+    # a budget that always admits: the basis waits for the first scheduled run (step 3) and
+    # is the same basis, since it depends only on the architecture and the seed
+    lazy = NADCallback(num_networks=32, every_n_steps=3, probe_size=24, max_overhead=1e6)
+    trainer, _ = fit(tmp_path, [lazy], max_steps=6)
+    assert trainer.logger.steps_of("probes/nad/spectrum_share_top") == [3]
+    assert trainer.logger.steps_of("probes/nad/data_energy_share_top") == [3, 6]
+    torch.testing.assert_close(lazy.nads.directions, eager.nads.directions)
+    # a budget that never admits: no basis is computed at all, and nothing is logged
+    never = NADCallback(num_networks=32, every_n_steps=3, probe_size=24, max_overhead=1e-9)
+    with pytest.warns(UserWarning, match="NADCallback: skipping scheduled runs"):
+        trainer, _ = fit(tmp_path, [never], max_steps=6)
+    assert never.nads is None and never.runs == 0 and never.over_budget_skips == 2
+    assert trainer.logger.steps_of("probes/nad/spectrum_share_top") == []

@@ -366,10 +366,10 @@ class ProbeCallback(Callback):
         """
         if self.max_overhead is None:
             return True
-        elapsed = time.perf_counter() - self._train_start
         # predicted: a run is started only if, at the cost of the last one (or the predicted
         # cost of the first), it stays in budget
         predicted = self._predicted_run_seconds(pl_module)
+        elapsed = time.perf_counter() - self._train_start  # after the prediction's own cost
         spent = self._probe_seconds + predicted
         fits = spent <= self.max_overhead * max(elapsed - self._probe_seconds, 0.0)
         if trainer.world_size > 1:

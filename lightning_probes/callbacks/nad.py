@@ -13,6 +13,8 @@ gradient energy there.
 from __future__ import annotations
 
 import math
+import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -23,6 +25,7 @@ from typing_extensions import override
 
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.base import ProbeCallback
+from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import OutputAdapter
 from lightning_probes.core.isolation import isolated
@@ -40,7 +43,9 @@ class NADCallback(ProbeCallback):
 
     Ortiz-Jiménez et al., "Neural Anisotropy Directions", NeurIPS 2020.
 
-    Once, at the start of fitting (not again on resume: the basis is in the checkpoint):
+    Once (not again on resume: the basis is in the checkpoint), at the start of fitting with
+    ``max_overhead=None``, otherwise at the first scheduled run its wall-time budget admits (the
+    basis depends only on the architecture and ``seed``, so it is the same either way):
     ``probes/nad/directions`` (image grid of the first NADs), ``probes/nad/directions_fourier``
     (their centred 2-D DFT magnitude; rows of the 1-D DFT for flat inputs),
     ``probes/nad/spectrum`` (figure) and the scalar ``probes/nad/spectrum_share_top`` (share of
@@ -57,7 +62,7 @@ class NADCallback(ProbeCallback):
     - histograms ``probes/nad/{data,grad}_energy`` (NAD index weighted by energy share) and the
       figure ``probes/nad/energy``.
 
-    Cost at fit start: ``num_networks`` forward passes over the ``2 d`` perturbed inputs
+    Cost of the basis: ``num_networks`` forward passes over the ``2 d`` perturbed inputs
     (``d`` = input size), plus an SVD. The default ``num_networks=256`` is modest so fit start
     stays quick on CPU: about 0.25 s for a 64-128-128-10 MLP (1,000 networks: under 1 s), 10-25
     s for LeNet on 32x32 inputs. The paper uses 10,000 (pass ``num_networks=10_000`` on a
@@ -147,7 +152,7 @@ class NADCallback(ProbeCallback):
 
     @property
     def nads(self) -> NADResult | None:
-        """The architecture's NADs (``None`` before fitting starts)."""
+        """The architecture's NADs (``None`` until computed: see the class docstring)."""
         return self._nads
 
     @override
@@ -188,30 +193,59 @@ class NADCallback(ProbeCallback):
                     f"Expected the checkpointed NADs' shape {saved} to match the probe inputs' "
                     f"shape {shape}."
                 )
-        else:
+        elif self.max_overhead is None:
             # isolated: whatever the factory does, the model, its grads and every RNG stream
             # (training's dropout and shuffling) are as before
             with isolated(pl_module, grad=True):
-                factory = self.model_factory or fresh_network_factory(pl_module)
-                if self.output_fn is not None:
-                    output_fn, make = self.output_fn, factory
-                    factory = lambda: OutputAdapter(make(), output_fn)  # noqa: E731
-                nads = neural_anisotropy_directions(
-                    factory,
-                    shape,
-                    num_networks=self.num_networks,
-                    method=self.method,  # type: ignore[arg-type]
-                    step=self.step,
-                    k=None
-                    if self.k is None
-                    else min(self.k, self.num_networks - 1, math.prod(shape)),
-                    generator=torch.Generator().manual_seed(self.seed),
-                    memory_budget=self.memory_budget,
-                    device=pl_module.device,
-                )
-            self._nads = _to_cpu(nads)
-            self._log_basis(trainer, pl_module)
+                self._compute_basis(trainer, pl_module, shape)
+        # else: computed by the first run the budget admits (its cost is predicted)
         self._basis = None
+
+    def _compute_basis(
+        self, trainer: Trainer, pl_module: LightningModule, shape: tuple[int, ...]
+    ) -> None:
+        """Compute the NADs of ``pl_module``'s architecture and log them (inside ``isolated``)."""
+        factory = self.model_factory or fresh_network_factory(pl_module)
+        if self.output_fn is not None:
+            output_fn, make = self.output_fn, factory
+            factory = lambda: OutputAdapter(make(), output_fn)  # noqa: E731
+        nads = neural_anisotropy_directions(
+            factory,
+            shape,
+            num_networks=self.num_networks,
+            method=self.method,  # type: ignore[arg-type]
+            step=self.step,
+            k=None if self.k is None else min(self.k, self.num_networks - 1, math.prod(shape)),
+            generator=torch.Generator().manual_seed(self.seed),
+            memory_budget=self.memory_budget,
+            device=pl_module.device,
+        )
+        self._nads = _to_cpu(nads)
+        self._log_basis(trainer, pl_module)
+
+    @override
+    def predict_cost(
+        self, pl_module: LightningModule, data: ProbeSet, units: CostUnits
+    ) -> float | None:
+        """Predicted cost of the first run (see :meth:`ProbeCallback.predict_cost`).
+
+        The basis, if not computed yet: per network, building it (timed once here) and about
+        ``(2d + 1) / n`` forward passes over the probe set; its figure and images. Then the
+        run: the input gradients (about three forward passes) and a figure.
+        """
+        figure = units.figure_seconds if plog.matplotlib_available() else 0.0
+        seconds = units.seconds(forwards=3) + figure
+        if self._nads is None:
+            d = math.prod(data.inputs.shape[1:])
+            with warnings.catch_warnings():  # the basis itself warns, once, if it must
+                warnings.simplefilter("ignore")
+                factory = self.model_factory or fresh_network_factory(pl_module)
+                start = time.perf_counter()
+                factory()
+                build = time.perf_counter() - start
+            per_network = build + units.seconds(forwards=(2 * d + 1) / max(units.num_samples, 1))
+            seconds += self.num_networks * per_network + 2 * figure
+        return seconds
 
     def _top(self) -> int:
         assert self._nads is not None
@@ -239,8 +273,9 @@ class NADCallback(ProbeCallback):
     # ------------------------------------------------------------------ scheduled
     @override
     def probe(self, trainer: Trainer, pl_module: LightningModule, data: ProbeSet) -> None:
-        if self._nads is None:
-            return
+        if self._nads is None:  # deferred by the budget: this run computes it first
+            self._compute_basis(trainer, pl_module, tuple(data.inputs.shape[1:]))
+        assert self._nads is not None
         x = data.inputs
         if self._basis is None or self._basis.device != x.device:
             self._basis = self._nads.directions.to(x.device)
