@@ -80,29 +80,41 @@ def main() -> None:
         configs["all (quickstart)"] = lambda: [f() for f in QUICKSTART_PROBES.values()]
 
     times: dict[str, list[float]] = {k: [] for k in configs}
+    shares: dict[str, list[float]] = {k: [] for k in configs}
     runs: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as logdir:
         train([], 1, logdir)  # warm-up: imports, allocator, first TensorBoard writer
         for _ in range(args.repeats):
             for label, make in configs.items():
                 callbacks = make()
-                times[label].append(train(callbacks, args.epochs, logdir))
+                wall = train(callbacks, args.epochs, logdir)
+                probes = [c for c in callbacks if isinstance(c, ProbeCallback)]
+                spent = sum(c.probe_seconds for c in probes)
+                times[label].append(wall)
+                # the probes' own clock: immune to the machine's noise on the training part
+                shares[label].append(spent / max(wall - spent, 1e-9))
                 # runs done / skipped to stay within the budget, per probe (last repeat)
-                runs[label] = " ".join(
-                    f"{c.runs}/{c.over_budget_skips}"
-                    for c in callbacks
-                    if isinstance(c, ProbeCallback)
-                )
+                runs[label] = " ".join(f"{c.runs}/{c.over_budget_skips}" for c in probes)
     base = statistics.median(times["no probes"])
     print(f"\nquickstart run: {args.epochs} epochs of digits, median of {args.repeats} repeats\n")
-    print(f"{'configuration':<42}{'seconds':>10}{'ratio':>9}   runs/skipped (per probe)")
+    header = f"{'configuration':<42}{'seconds':>9}{'wall ratio':>12}{'probe share':>13}"
+    print(f"{header}   runs/skipped (per probe)")
     for label, values in times.items():
-        t = statistics.median(values)
-        print(f"{label:<42}{t:>10.2f}{t / base:>9.2f}x   {runs.get(label, '')}")
-    print("\nruns/skipped: scheduled runs done, and skipped to stay within `max_overhead`.")
+        t, share = statistics.median(values), statistics.median(shares[label])
+        print(f"{label:<42}{t:>9.2f}{t / base:>11.2f}x{share:>12.1%}   {runs.get(label, '')}")
+    print(
+        "\nwall ratio: wall time of `trainer.fit` over the no-probe run's (noisy on a shared"
+        "\nmachine); probe share: the probes' own measured time (fit-start work, cost"
+        "\npredictions, runs) over the rest of the run; runs/skipped: scheduled runs done, and"
+        "\nskipped to stay within `max_overhead`."
+    )
     ratio = statistics.median(times["all (defaults)"]) / base
+    share = statistics.median(shares["all (defaults)"])
     verdict = "met" if ratio <= 1.25 else "NOT met"
-    print(f"all probes together at their defaults: {ratio:.2f}x (target <= 1.25x: {verdict})")
+    print(
+        f"all probes together at their defaults: {ratio:.2f}x wall time, probes' own time "
+        f"{share:.1%} of the run (target <= 1.25x: {verdict})"
+    )
 
 
 if __name__ == "__main__":

@@ -311,6 +311,11 @@ class ProbeCallback(Callback):
         return self._runs
 
     @property
+    def probe_seconds(self) -> float:
+        """Wall time this probe has used in the current fit: fit-start work, predictions, runs."""
+        return self._probe_seconds
+
+    @property
     def over_budget_skips(self) -> int:
         """Scheduled runs skipped so far to stay within ``max_overhead``."""
         return self._over_budget_skips

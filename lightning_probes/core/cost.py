@@ -53,7 +53,8 @@ class CostUnits:
         num_samples: ``n``, the probe set's size.
         num_outputs: ``o``, the size of one sample's (flattened) output.
         flops_per_second: Dense matrix-product rate on the model's device, in its dtype.
-        bytes_per_second: Memory bandwidth on that device (a large copy: bytes read + written).
+        bytes_per_second: Memory-bound rate on that device: bytes of a large matrix streamed
+            through a product with a thin block (as in matrix-free eigensolvers).
         figure_seconds: One figure, drawn and rendered (see :func:`figure_seconds`).
     """
 
@@ -87,8 +88,9 @@ def calibrate(
     """Measure :class:`CostUnits` for ``model`` on the probe inputs (a few milliseconds).
 
     The forward pass is timed on its second call (the first pays one-time warm-up costs); the
-    matmul rate from a ``512 x 512`` product in the model's dtype on its device and the bandwidth
-    from a 32 MiB copy, both once per process.
+    matmul rate from a ``512 x 512`` product in the model's dtype on its device and the
+    memory-bound rate from a ``4096 x 4096`` float32 matrix times a ``4096 x 16`` block, both
+    once per process.
 
     Args:
         model: The model, in the mode the probe will run it (eval, inside ``isolated``).
@@ -137,15 +139,16 @@ def _machine_rates(device: torch.device, dtype: torch.dtype) -> tuple[float, flo
             a @ a
             _sync(device)
             matmul = max(time.perf_counter() - start, 1e-6)
-            big = torch.empty(1 << 23, device=device)  # 32 MiB: larger than the caches
-            copy = torch.empty_like(big)
-            copy.copy_(big)
+            # memory-bound rate as the probes meet it: a 64 MiB matrix times a thin block
+            big = torch.ones(4096, 4096, device=device)
+            thin = torch.ones(4096, 16, device=device)
+            big @ thin
             _sync(device)
             start = time.perf_counter()
-            copy.copy_(big)
+            big @ thin
             _sync(device)
             moved = max(time.perf_counter() - start, 1e-6)
-        _rates[device, dtype] = (2 * 512**3 / matmul, 2 * big.numel() * big.element_size() / moved)
+        _rates[device, dtype] = (2 * 512**3 / matmul, big.numel() * big.element_size() / moved)
     return _rates[device, dtype]
 
 
