@@ -62,19 +62,24 @@ def log_scalars(
     Values are written to each logger directly (``logger.log_metrics(step=global_step)``)
     rather than only through ``LightningModule.log``: the latter flushes to the loggers only on
     steps that are multiples of ``Trainer(log_every_n_steps=...)``, which would silently drop a
-    probe that runs on other steps. They are also registered with ``pl_module.log(...,
-    logger=False)`` when the hook allows it (``on_step=True`` from ``on_train_batch_end``,
-    ``False`` from ``on_train_epoch_end``), else (``None``) written into
-    ``trainer.callback_metrics``, so ``EarlyStopping`` and ``ModelCheckpoint`` can monitor them.
+    probe that runs on other steps. Every value is put in ``trainer.callback_metrics``. A key
+    that a callback monitors (``EarlyStopping``, ``ModelCheckpoint``: any ``monitor=``) is
+    registered with ``pl_module.log(..., logger=False)`` instead when the hook allows it
+    (``on_step=True`` from ``on_train_batch_end``, ``False`` from ``on_train_epoch_end``), so
+    that it is current in the epochs where the probe runs and absent, not stale, in the others.
+    Only monitored keys go through ``pl_module.log``: Lightning processes every logged key
+    again at each later step of the epoch, which costs real time for the dozens of per-layer
+    scalars a probe logs.
 
     Non-finite values are logged as they are (a NaN is information, not an error).
     """
     clean = {k: float(v) for k, v in metrics.items()}
     if not clean:
         return
+    monitored = {getattr(cb, "monitor", None) for cb in trainer.callbacks}  # type: ignore[attr-defined]
     for key, value in clean.items():
         tensor = torch.tensor(value, dtype=torch.float32)
-        if on_step is not None:
+        if on_step is not None and key in monitored:
             try:
                 pl_module.log(key, tensor, on_step=on_step, on_epoch=not on_step, logger=False)
                 continue

@@ -50,3 +50,32 @@ def test_metric_key_and_unit_range_and_grid():
     grid = plog.image_grid(torch.arange(5 * 2 * 2.0).reshape(5, 1, 2, 2), ncol=3, pad=1)
     assert grid.shape == (1, 2 * 3 + 1, 3 * 3 + 1)
     assert grid[0, 1, 1] == 0.0 and grid[0, 2, 2] == 1.0  # each tile scaled on its own
+
+
+class TwoScalars(ProbeCallback):
+    probe_name = "two"
+    default_schedule = {"every_n_steps": 2}
+
+    def probe(self, trainer, pl_module, data):
+        self.log_scalars(trainer, pl_module, {"probes/two/a": 1.0, "probes/two/b": 2.0})
+
+
+def test_only_monitored_keys_go_through_lightning_module_log(tmp_path, monkeypatch):
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    logged = []
+    original = pl.LightningModule.log
+
+    def spy(self, name, *args, **kwargs):
+        logged.append(name)
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(pl.LightningModule, "log", spy)
+    stop = EarlyStopping(monitor="probes/two/a", patience=100, check_on_train_epoch_end=True)
+    trainer = make_trainer(tmp_path, [TwoScalars(), stop], max_steps=4)
+    trainer.fit(TinyClassifier(), make_loader())
+    # the monitored key through pl_module.log (current per epoch, never stale); the other one
+    # straight into callback_metrics (Lightning would re-process it at every later step)
+    assert logged.count("probes/two/a") == 2 and "probes/two/b" not in logged
+    assert float(trainer.callback_metrics["probes/two/b"]) == 2.0
+    assert float(trainer.callback_metrics["probes/two/a"]) == 1.0
