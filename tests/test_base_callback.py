@@ -309,3 +309,16 @@ def test_non_finite_weights_skip_the_run(tmp_path):
     ):
         trainer, _ = fit(tmp_path, [Poison(), probe], max_steps=4)
     assert trainer.global_step == 4 and probe.seen_steps == [1]
+
+
+def test_state_key_is_built_once_since_lightning_reads_it_at_every_hook(tmp_path):
+    class Counting(MeddlingProbe):
+        built = 0
+
+        def _state_key_config(self):
+            type(self).built += 1
+            return super()._state_key_config()
+
+    probe = Counting(every_n_steps=2)
+    make_trainer(tmp_path, [probe], max_steps=4).fit(TinyClassifier(), make_loader())
+    assert Counting.built == 1 and "Counting{'every_n_steps': 2" in probe.state_key
