@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -133,23 +134,23 @@ def _machine_rates(device: torch.device, dtype: torch.dtype) -> tuple[float, flo
     if (device, dtype) not in _rates:
         with torch.no_grad():
             a = torch.randn(512, 512, device=device, dtype=dtype)
-            a @ a
-            _sync(device)
-            start = time.perf_counter()
-            a @ a
-            _sync(device)
-            matmul = max(time.perf_counter() - start, 1e-6)
+            matmul = _second_call_seconds(lambda: a @ a, device)
             # memory-bound rate as the probes meet it: a 64 MiB matrix times a thin block
             big = torch.ones(4096, 4096, device=device)
             thin = torch.ones(4096, 16, device=device)
-            big @ thin
-            _sync(device)
-            start = time.perf_counter()
-            big @ thin
-            _sync(device)
-            moved = max(time.perf_counter() - start, 1e-6)
+            moved = _second_call_seconds(lambda: big @ thin, device)
         _rates[device, dtype] = (2 * 512**3 / matmul, big.numel() * big.element_size() / moved)
     return _rates[device, dtype]
+
+
+def _second_call_seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of the second of two calls of ``fn`` (the first pays one-time costs)."""
+    fn()
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return max(time.perf_counter() - start, 1e-6)
 
 
 def _sync(device: torch.device) -> None:
