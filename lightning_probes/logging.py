@@ -93,13 +93,14 @@ def log_scalars(
 
 def log_histogram(trainer: Trainer, key: str, values: Tensor) -> None:
     """Add a histogram of ``values`` (any shape, flattened, finite values only)."""
-    if not trainer.is_global_zero:
+    writers = tensorboard_writers(trainer) if trainer.is_global_zero else []
+    if not writers:  # nothing to write to: no copies of a possibly parameter-sized tensor
         return
     flat = values.detach().float().flatten().cpu()
     flat = flat[torch.isfinite(flat)]
     if flat.numel() == 0:
         return
-    for writer in tensorboard_writers(trainer):
+    for writer in writers:
         writer.add_histogram(key, flat, global_step=trainer.global_step)
 
 
