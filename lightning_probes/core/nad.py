@@ -219,7 +219,8 @@ def network_gradients(
     generator = generator if generator is not None else _generator_from_global_rng()
     x0 = torch.randn(shape, generator=generator) if eval_point is None else eval_point.detach()
     proj_seed, init_seed = (int(torch.randint(0, 2**62, (1,), generator=generator)) for _ in "ab")
-    rows: list[Tensor] = []
+    out: Tensor | None = None  # (m, d), filled chunk by chunk: no list + concatenation
+    filled = 0
     with _seeded_global_rng(init_seed), _progress(num_networks, progress) as advance:
         template = model_factory()
         pending = [_state(template)]
@@ -231,11 +232,16 @@ def network_gradients(
             while len(pending) < chunk and made < num_networks:
                 pending.append(_state(model_factory()))
                 made += 1
-            rows.append(evaluator(pending))
+            rows = evaluator(pending)
+            if out is None:
+                out = rows.new_empty((num_networks, *rows.shape[1:]))
+            out[filled : filled + rows.shape[0]] = rows
+            filled += rows.shape[0]
             advance(len(pending))
             pending = [_state(model_factory())] if made < num_networks else []
             made += len(pending)
-    return torch.cat(rows), evaluator.x0
+    assert out is not None and filled == num_networks
+    return out, evaluator.x0
 
 
 def fresh_network_factory(model: nn.Module) -> ModelFactory:

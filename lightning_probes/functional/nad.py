@@ -23,6 +23,7 @@ from torch import Tensor
 
 SVDMethod = Literal["auto", "full", "lowrank"]
 _OVERSAMPLE = 10
+_ROWS_PER_BLOCK = 64  # rows per float64 block when summing squares
 
 
 @dataclass
@@ -102,7 +103,12 @@ def principal_axes(
     else:
         generator = torch.Generator(samples.device).manual_seed(seed)
         s, vh = _randomized_svd(samples, mean, min(keep + _OVERSAMPLE, rank), 4, generator)
-        total = (samples.double().square().sum() - m * mean.double().square().sum()).to(s.dtype)
+        # in float64, row block by row block: no full-size float64 copy of a large matrix
+        squares = sum(
+            (block.double().square().sum() for block in samples.split(_ROWS_PER_BLOCK)),
+            torch.zeros((), dtype=torch.float64, device=samples.device),
+        )
+        total = (squares - m * mean.double().square().sum()).to(s.dtype)
     s, vh = s[:keep], vh[:keep]
     pivot = vh.abs().argmax(dim=1, keepdim=True)
     sign = torch.sign(vh.gather(1, pivot))
