@@ -50,3 +50,27 @@ def test_errors():
         probe_loss(model, ProbeSet(data.inputs, None))
     with pytest.raises(TypeError, match="Pass `output_fn=`"):
         probe_loss(model, data, output_fn=lambda out: {"logits": out})
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_loss_and_grad_accumulate_weighted_into_given_buffers(chunk_size):
+    model, data = _setup()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    ref = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    ref.load_state_dict(params)
+    ref_loss = nn.functional.cross_entropy(ref(data.inputs), data.targets)
+    ref_grads = dict(zip(params, torch.autograd.grad(ref_loss, list(ref.parameters()))))
+    start = {k: torch.full_like(v, 0.5) for k, v in params.items()}
+    # matching buffers are fed in place by autograd; a float32 one (other dtype) by add_
+    out = {k: v.clone() for k, v in start.items()}
+    out["2.bias"] = out["2.bias"].float()
+    kept = {k: v for k, v in out.items()}
+    loss, grads = probe_loss_and_grad(
+        model, data, params, chunk_size=chunk_size, out=out, weight=4.0
+    )
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)  # L, not 4 L
+    for k in params:
+        assert grads[k] is kept[k]  # the very buffers, no copies
+        want = start[k] + 4.0 * ref_grads[k]
+        tol = 1e-6 if k == "2.bias" else 1e-10
+        torch.testing.assert_close(grads[k], want.to(grads[k].dtype), rtol=tol, atol=tol)

@@ -126,11 +126,27 @@ def probe_loss_and_grad(
     loss_fn: LossFn | None = None,
     output_fn: OutputFn | None = None,
     chunk_size: int | None = None,
+    out: Mapping[str, Tensor] | None = None,
+    weight: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Full-probe-set loss and its gradient w.r.t. ``params``, one chunk's graph at a time.
 
     Memory is that of one chunk's forward/backward plus one gradient copy, however large the
-    probe set. Gradients are accumulated in the dtype of ``params``.
+    probe set; with ``out``, no gradient copy at all. Gradients are accumulated in the dtype
+    of ``params``.
+
+    Args:
+        model: The network (evaluated with ``functional_call`` at ``params``).
+        data: The probe set (with targets).
+        params: ``{name: tensor}`` at which to evaluate.
+        loss_fn: ``(logits, targets) -> mean loss`` (default: cross-entropy or MSE).
+        output_fn: Maps the model output to logits.
+        chunk_size: Samples per forward/backward.
+        out: If given, ``out[k] += weight * dL/dparams[k]`` in place: each buffer whose dtype,
+            device and shape match is the private leaf's ``.grad``, so autograd adds every
+            chunk's gradient straight into it; these buffers are returned as the gradients.
+        weight: Scale of the gradient (of ``weight * L``; the returned loss is ``L``). A
+            power of two scales exactly.
 
     Returns:
         ``(loss, {name: dL/dparam})``, detached.
@@ -140,19 +156,50 @@ def probe_loss_and_grad(
     loss_fn = loss_fn or default_loss
     names = list(params)
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    seeded = seed_grads(leaves, out) if out is not None else set()
     n = len(data)
     total = torch.zeros((), dtype=next(iter(leaves.values())).dtype, device=_device(leaves))
     with torch.enable_grad():
         for inputs, targets, size in chunks(data, chunk_size):
-            out = as_logits(call_model(model, leaves, inputs), output_fn)
-            part = loss_fn(out, targets) * (size / n)  # type: ignore[arg-type]
+            logits = as_logits(call_model(model, leaves, inputs), output_fn)
+            part = loss_fn(logits, targets) * (size / n)  # type: ignore[arg-type]
             if part.requires_grad:
                 # Accumulate straight into the private leaves' .grad (never the model's):
                 # no separate accumulator, so one gradient copy instead of two.
-                part.backward(inputs=[leaves[k] for k in names])
+                (part if weight == 1.0 else part * weight).backward(
+                    inputs=[leaves[k] for k in names]
+                )
             total += part.detach().to(total.dtype)
+    if out is not None:
+        collect_grads(leaves, out, seeded)
+        return total, dict(out)
     grads = {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in leaves.items()}
     return total, grads
+
+
+def seed_grads(leaves: Mapping[str, Tensor], out: Mapping[str, Tensor]) -> set[str]:
+    """Make ``out[k]`` the ``.grad`` of ``leaves[k]`` where autograd can accumulate into it."""
+    seeded = set()
+    for k, leaf in leaves.items():
+        buf = out[k]
+        if buf.dtype == leaf.dtype and buf.device == leaf.device and buf.shape == leaf.shape:
+            leaf.grad = buf
+            seeded.add(k)
+    return seeded
+
+
+def collect_grads(
+    leaves: Mapping[str, Tensor], out: Mapping[str, Tensor], seeded: set[str]
+) -> None:
+    """Bring ``.grad`` of ``leaves`` into ``out`` where autograd did not accumulate in place."""
+    for k, leaf in leaves.items():
+        g, leaf.grad = leaf.grad, None
+        if g is None or g is out[k]:
+            continue
+        if k in seeded:  # autograd replaced the seeded buffer by ``buffer + gradient``
+            out[k].copy_(g)
+        else:
+            out[k].add_(g)
 
 
 def call_model(model: nn.Module, params: Mapping[str, Tensor] | None, inputs: Any) -> Any:

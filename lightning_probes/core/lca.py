@@ -44,11 +44,9 @@ from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import (
     LossFn,
     OutputFn,
-    as_logits,
-    call_model,
-    chunks,
-    default_loss,
+    collect_grads,
     probe_loss_and_grad,
+    seed_grads,
 )
 from lightning_probes.functional.lca import block_size, relative_error, sum64
 
@@ -319,25 +317,17 @@ class ModelLossAndGrad:
         of :math:`w L_B` straight into ``out`` (set as the private leaves' ``.grad``); with
         ``weight`` a power of two (Simpson's 1, 2, 4) the scaling is exact.
         """
-        data = self.data
-        if data.targets is None:
-            raise ValueError("Expected a probe set with targets to evaluate a loss, got none.")
-        loss_fn = self.loss_fn or default_loss
-        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        seeded = _seed_grads(leaves, out)
-        n = len(data)
-        first = next(iter(leaves.values()))
-        total = torch.zeros((), dtype=first.dtype, device=first.device)
-        with torch.enable_grad():
-            for inputs, targets, size in chunks(data, self.chunk_size):
-                output = as_logits(call_model(self.model, leaves, inputs), self.output_fn)
-                part = loss_fn(output, targets) * (size / n)  # type: ignore[arg-type]
-                if part.requires_grad:
-                    scaled = part if weight == 1.0 else part * weight
-                    scaled.backward(inputs=list(leaves.values()))
-                total += part.detach().to(total.dtype)
-        _collect_grads(leaves, out, seeded)
-        return total
+        loss, _ = probe_loss_and_grad(
+            self.model,
+            self.data,
+            params,
+            loss_fn=self.loss_fn,
+            output_fn=self.output_fn,
+            chunk_size=self.chunk_size,
+            out=out,
+            weight=weight,
+        )
+        return loss
 
 
 def _result(
@@ -391,38 +381,13 @@ class _AutogradLossAndGrad:
         self, params: dict[str, Tensor], out: dict[str, Tensor], weight: float
     ) -> Tensor:
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        seeded = _seed_grads(leaves, out)
+        seeded = seed_grads(leaves, out)
         with torch.enable_grad():
             loss = _scalar(self.loss_fn(leaves))
             if loss.requires_grad:
                 (loss if weight == 1.0 else loss * weight).backward(inputs=list(leaves.values()))
-        _collect_grads(leaves, out, seeded)
+        collect_grads(leaves, out, seeded)
         return loss.detach()
-
-
-def _seed_grads(leaves: Mapping[str, Tensor], out: Mapping[str, Tensor]) -> set[str]:
-    """Make ``out[k]`` the ``.grad`` of ``leaves[k]`` where autograd can accumulate into it."""
-    seeded = set()
-    for k, leaf in leaves.items():
-        buf = out[k]
-        if buf.dtype == leaf.dtype and buf.device == leaf.device and buf.shape == leaf.shape:
-            leaf.grad = buf
-            seeded.add(k)
-    return seeded
-
-
-def _collect_grads(
-    leaves: Mapping[str, Tensor], out: Mapping[str, Tensor], seeded: set[str]
-) -> None:
-    """Bring ``.grad`` of ``leaves`` into ``out`` where autograd did not accumulate in place."""
-    for k, leaf in leaves.items():
-        g, leaf.grad = leaf.grad, None
-        if g is None or g is out[k]:
-            continue
-        if k in seeded:  # autograd replaced the seeded buffer by ``buffer + gradient``
-            out[k].copy_(g)
-        else:
-            out[k].add_(g)
 
 
 def _accumulate(
