@@ -149,9 +149,14 @@ def net_and_data(seed=0, n=13):
 
 
 @pytest.mark.parametrize("centering", ["samples", "full"])
-@pytest.mark.parametrize("chunk_size", [None, 4])
-def test_streamed_statistics_equal_the_full_kernel_formulas(centering, chunk_size):
-    net, x, y = net_and_data()
+@pytest.mark.parametrize(
+    ("n", "chunk_size"),
+    # n=13 (n·o=39): the last layer (21 parameters) from its per-sample gradients, the others
+    # from the kernel; n=40: every layer from its gradients; chunked: every layer streamed
+    [(13, None), (40, None), (13, 4)],
+)
+def test_streamed_statistics_equal_the_full_kernel_formulas(centering, n, chunk_size):
+    net, x, y = net_and_data(n=n)
     kernels = layer_tangent_kernels(net, x)
     stats = layer_alignments(net, x, y, centering=centering, chunk_size=chunk_size)
     for name, K in kernels.items():

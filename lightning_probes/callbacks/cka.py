@@ -159,7 +159,8 @@ class LayerCKACallback(ProbeCallback):
         Exact kernels: one capture forward, ``o`` batched backward passes, and per layer the
         kernel product (Linear: :math:`(no)^2 d_{out} + n^2 d_{in}` multiply-adds; otherwise
         through per-sample gradients, :math:`(no)^2 P_l`), its statistics and ~15 block-Lanczos
-        products of 16 vectors for the stable rank; plus two figures. The Hutchinson estimator
+        products of 16 vectors for the stable rank; a layer with fewer parameters than kernel
+        rows costs its ``P x P`` Gram instead; plus two figures. The Hutchinson estimator
         is not predicted.
         """
         if self.estimator != "exact":
@@ -168,10 +169,14 @@ class LayerCKACallback(ProbeCallback):
         no2 = float(n * o) ** 2
         flops = passes = 0.0
         for module in resolve_layers(pl_module, self._layer_names or self.layers).values():
+            size = sum(p.numel() for p in module.parameters())
+            if size < n * o and self.chunk_size is None:  # statistics from J: P x P Gram
+                flops += 2 * n * o * size**2 + 10 * size**3
+                continue
             if isinstance(module, nn.Linear):
                 flops += 2 * (no2 * module.out_features + n**2 * (module.in_features + 1))
             else:
-                flops += 2 * no2 * sum(p.numel() for p in module.parameters())
+                flops += 2 * no2 * size
             # statistics: ~6 float64 passes over the kernel; stable rank: ~15 products with it
             passes += 6 * 8 + (15 * 4 if self.stable_rank else 0)
         figures = 2 if self.log_figures and plog.matplotlib_available() else 0

@@ -89,14 +89,14 @@ class AffineFactors:
             # blocks come row by row: keep the row block's Jacobian for the next column block
             key = (rows.start, rows.stop)
             if key not in self._jac_cache:
-                self._jac_cache = {key: self._kernel_rows(rows)}
+                self._jac_cache = {key: self.kernel_rows(rows)}
             jr = self._jac_cache[key]
             if key == (cols.start, cols.stop):
                 return jr @ jr.T
-            return jr @ self._kernel_rows(cols).T
+            return jr @ self.kernel_rows(cols).T
         return self._gram_block(rows, cols)
 
-    def _kernel_rows(self, rows: slice) -> Tensor:
+    def kernel_rows(self, rows: slice) -> Tensor:
         r"""Per-sample gradient rows ``[r·o, P]`` with the columns in any fixed order.
 
         The kernel is invariant to permuting parameters, so the bias is folded in as one more
@@ -147,12 +147,13 @@ class JacobianFactors:
 
     def block(self, rows: slice, cols: slice) -> Tensor:
         """Kernel block ``[r·o, s·o]`` for samples ``rows`` × ``cols``."""
-        jr = self._rows(rows)
+        jr = self.rows(rows)
         if (rows.start, rows.stop) == (cols.start, cols.stop):
             return jr @ jr.T
         return jr @ self.rows_fn(cols).T
 
-    def _rows(self, rows: slice) -> Tensor:
+    def rows(self, rows: slice) -> Tensor:
+        """Per-sample Jacobian rows ``[r·o, P]`` of samples ``rows`` (the last block cached)."""
         key = (rows.start, rows.stop)
         if key not in self._cache:
             self._cache = {key: self.rows_fn(rows)}

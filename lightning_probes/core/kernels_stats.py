@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from lightning_probes.core.evaluation import OutputFn
 from lightning_probes.core.kernels import KernelMethod, Layers, tangent_kernel_factors
-from lightning_probes.core.kernels_factors import LayerFactors, sample_spans
+from lightning_probes.core.kernels_factors import AffineFactors, LayerFactors, sample_spans
 from lightning_probes.functional.alignment import (
     Centering,
     centered_labels,
@@ -81,6 +81,9 @@ def kernel_statistics(
     n, o = factors.num_samples, factors.num_outputs
     y = centered_labels(targets, o, centering).reshape(n, o).to(factors_device(factors))
     spans = sample_spans(n, chunk_size)
+    rows = _narrow_jacobian(factors) if len(spans) == 1 and not keep_kernel else None
+    if rows is not None:
+        return _statistics_from_rows(rows, y, centering, stable_rank)
     f64 = torch.float64
     sq = torch.zeros((), dtype=f64, device=y.device)
     quad = torch.zeros((), dtype=f64, device=y.device)
@@ -121,6 +124,51 @@ def kernel_statistics(
             top = _top_eigenvalue(_streamed_matmul(factors, spans, o), n, o, centering, y.device)
         rank = frob2 / top**2
     return KernelStatistics(alignment, frob, trace, quad, rank, whole if keep_kernel else None)
+
+
+def _narrow_jacobian(factors: LayerFactors) -> Tensor | None:
+    """Per-sample gradients ``J`` ``[n·o, P]`` of a narrow layer (``P < n·o``), else ``None``.
+
+    For such a layer the statistics are cheaper from ``J`` than from the kernel.
+    """
+    n, o = factors.num_samples, factors.num_outputs
+    if isinstance(factors, AffineFactors):
+        _, _, g, i = factors.features.shape
+        params = g * factors.grads.shape[-1] * (i + int(factors.bias))
+        return factors.kernel_rows(slice(0, n)) if params < n * o else None
+    rows = factors.rows(slice(0, n))  # cached: the kernel path reuses it
+    return rows if rows.shape[1] < n * o else None
+
+
+def _statistics_from_rows(
+    rows: Tensor, y: Tensor, centering: Centering, stable_rank: bool
+) -> KernelStatistics:
+    r"""The statistics of :math:`K = J J^T` from :math:`J` (``[n·o, P]``, ``P < n·o``).
+
+    With :math:`J_c = C J` (centred over samples per output, or over all rows), :math:`K_c =
+    J_c J_c^T` shares its non-zero spectrum with the ``P x P`` Gram :math:`G = J_c^T J_c`:
+    :math:`\|K_c\|_F = \|G\|_F`, :math:`\|K_c\|_2 = \lambda_{max}(G)` (exact, from
+    ``eigvalsh``), :math:`\tilde y^T K_c \tilde y = \|J_c^T \tilde y\|^2` and
+    :math:`\operatorname{Tr} K = \|J\|_F^2`; :math:`(n o)^2` kernel entries are never formed.
+    """
+    f64 = torch.float64
+    n, o = y.shape
+    j = rows.to(f64)
+    trace = j.square().sum()
+    if centering == "samples":
+        j3 = j.view(n, o, -1)
+        jc = (j3 - j3.mean(0, keepdim=True)).view(n * o, -1)
+    else:
+        jc = j - j.mean(0, keepdim=True)
+    gram = jc.T @ jc
+    frob2 = gram.square().sum()
+    frob = frob2.sqrt()
+    quad = (jc.T @ y.reshape(-1).to(f64)).square().sum()
+    alignment = quad / (frob * y.square().sum())
+    rank = torch.tensor(float("nan"), dtype=f64, device=j.device)
+    if stable_rank:
+        rank = frob2 / torch.linalg.eigvalsh(gram).abs().max() ** 2
+    return KernelStatistics(alignment, frob, trace, quad, rank, None)
 
 
 def layer_alignments(
