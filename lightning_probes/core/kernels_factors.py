@@ -76,12 +76,17 @@ class AffineFactors:
         o, m = self.grads.shape[0], self.grads.shape[-1]
         return float(n) ** 2 * t**2 * g * (i + o**2 * (m + 1))
 
+    @property
+    def num_params(self) -> int:
+        """``P``, the layer's parameters (weight and bias)."""
+        _, _, g, i = self.features.shape
+        return g * self.grads.shape[-1] * (i + int(self.bias))
+
     def jacobian_cost(self) -> float:
         """Multiply-adds of the full kernel through per-sample gradients."""
         n, t, g, i = self.features.shape
         o, m = self.grads.shape[0], self.grads.shape[-1]
-        params = g * m * (i + int(self.bias))
-        return float(n) * o * t * g * m * i + (float(n) * o) ** 2 * params
+        return float(n) * o * t * g * m * i + (float(n) * o) ** 2 * self.num_params
 
     def block(self, rows: slice, cols: slice) -> Tensor:
         """Kernel block ``[r·o, s·o]`` for samples ``rows`` × ``cols``."""

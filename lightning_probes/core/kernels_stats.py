@@ -81,9 +81,9 @@ def kernel_statistics(
     n, o = factors.num_samples, factors.num_outputs
     y = centered_labels(targets, o, centering).reshape(n, o).to(factors_device(factors))
     spans = sample_spans(n, chunk_size)
-    rows = _narrow_jacobian(factors) if len(spans) == 1 and not keep_kernel else None
-    if rows is not None:
-        return _statistics_from_rows(rows, y, centering, stable_rank)
+    jac = _narrow_jacobian(factors) if len(spans) == 1 and not keep_kernel else None
+    if jac is not None:
+        return _statistics_from_rows(jac, y, centering, stable_rank)
     f64 = torch.float64
     sq = torch.zeros((), dtype=f64, device=y.device)
     quad = torch.zeros((), dtype=f64, device=y.device)
@@ -133,9 +133,7 @@ def _narrow_jacobian(factors: LayerFactors) -> Tensor | None:
     """
     n, o = factors.num_samples, factors.num_outputs
     if isinstance(factors, AffineFactors):
-        _, _, g, i = factors.features.shape
-        params = g * factors.grads.shape[-1] * (i + int(factors.bias))
-        return factors.kernel_rows(slice(0, n)) if params < n * o else None
+        return factors.kernel_rows(slice(0, n)) if factors.num_params < n * o else None
     rows = factors.rows(slice(0, n))  # cached: the kernel path reuses it
     return rows if rows.shape[1] < n * o else None
 
@@ -267,9 +265,10 @@ def _top_eigenvalue(
     block: int = 16,
     tol: float = 1e-10,
 ) -> Tensor:
-    """Top eigenvalue of :math:`K_c` by block subspace iteration, centring implicitly.
+    """Top eigenvalue of :math:`K_c` by block Lanczos, centring implicitly.
 
-    :math:`K_c u = C K C u` with :math:`C` the centring projector, so ``K_c`` is never formed.
+    :math:`K_c u = C K C u` with :math:`C` the centring projector, so ``K_c`` is never formed
+    (:func:`~lightning_probes.functional.alignment.top_abs_eigenvalue` only needs products).
     """
 
     def center(m: Tensor) -> Tensor:
