@@ -299,14 +299,7 @@ class ModelLossAndGrad:
 
     def __call__(self, params: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """``(loss, grads)`` at ``params`` (a fresh gradient copy)."""
-        return probe_loss_and_grad(
-            self.model,
-            self.data,
-            params,
-            loss_fn=self.loss_fn,
-            output_fn=self.output_fn,
-            chunk_size=self.chunk_size,
-        )
+        return self._evaluate(params)
 
     def accumulate(
         self, params: dict[str, Tensor], out: dict[str, Tensor], weight: float
@@ -317,17 +310,20 @@ class ModelLossAndGrad:
         of :math:`w L_B` straight into ``out`` (set as the private leaves' ``.grad``); with
         ``weight`` a power of two (Simpson's 1, 2, 4) the scaling is exact.
         """
-        loss, _ = probe_loss_and_grad(
+        return self._evaluate(params, out=out, weight=weight)[0]
+
+    def _evaluate(
+        self, params: dict[str, Tensor], **kwargs: Any
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        return probe_loss_and_grad(
             self.model,
             self.data,
             params,
             loss_fn=self.loss_fn,
             output_fn=self.output_fn,
             chunk_size=self.chunk_size,
-            out=out,
-            weight=weight,
+            **kwargs,
         )
-        return loss
 
 
 def _result(
