@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import OutputFn, chunks
+from lightning_probes.core.gram import self_gram
 from lightning_probes.core.kernels_capture import LayerRecord, record_layers
 from lightning_probes.core.kernels_factors import (
     AffineFactors,
@@ -188,7 +189,7 @@ def forward_backward_kernels(
         o, n = grads.shape[:2]
         forward = a @ a.T + (1.0 if module.bias is not None else 0.0)
         d = grads.transpose(0, 1).reshape(n * o, -1)
-        backward = d @ d.T
+        backward = self_gram(d)
         if normalize:
             forward = forward / a.shape[1]
             backward = backward / grads.shape[-1]

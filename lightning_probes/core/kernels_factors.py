@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from lightning_probes.core.gram import self_gram
+
 Method = str  # "gram" | "jacobian"
 
 
@@ -97,7 +99,7 @@ class AffineFactors:
                 self._jac_cache = {key: self.kernel_rows(rows)}
             jr = self._jac_cache[key]
             if key == (cols.start, cols.stop):
-                return jr @ jr.T
+                return self_gram(jr)
             return jr @ self.kernel_rows(cols).T
         return self._gram_block(rows, cols)
 
@@ -123,8 +125,11 @@ class AffineFactors:
         if t == 1 and g == 1:
             forward = ar[:, 0, 0] @ as_[:, 0, 0].T + one  # [r, s]
             back_r = dr[:, :, 0, 0].transpose(0, 1).reshape(r * o, -1)
-            back_s = ds[:, :, 0, 0].transpose(0, 1).reshape(s * o, -1)
-            backward = (back_r @ back_s.T).view(r, o, s, o)
+            if (rows.start, rows.stop) == (cols.start, cols.stop):
+                backward = self_gram(back_r).view(r, o, s, o)
+            else:
+                back_s = ds[:, :, 0, 0].transpose(0, 1).reshape(s * o, -1)
+                backward = (back_r @ back_s.T).view(r, o, s, o)
             return (backward * forward[:, None, :, None]).view(r * o, s * o)
         out = torch.zeros(r, o, s, o, dtype=ar.dtype, device=ar.device)
         for p in range(t):  # one position of the rows against all positions of the columns
@@ -154,7 +159,7 @@ class JacobianFactors:
         """Kernel block ``[r·o, s·o]`` for samples ``rows`` × ``cols``."""
         jr = self.rows(rows)
         if (rows.start, rows.stop) == (cols.start, cols.stop):
-            return jr @ jr.T
+            return self_gram(jr)
         return jr @ self.rows_fn(cols).T
 
     def rows(self, rows: slice) -> Tensor:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_probes.core.evaluation import OutputFn
+from lightning_probes.core.gram import self_gram
 from lightning_probes.core.kernels import KernelMethod, Layers, tangent_kernel_factors
 from lightning_probes.core.kernels_factors import AffineFactors, LayerFactors, sample_spans
 from lightning_probes.functional.alignment import (
@@ -158,7 +159,7 @@ def _statistics_from_rows(
         jc = (j3 - j3.mean(0, keepdim=True)).view(n * o, -1)
     else:
         jc = j - j.mean(0, keepdim=True)
-    gram = jc.T @ jc
+    gram = self_gram(jc.T)
     frob2 = gram.square().sum()
     frob = frob2.sqrt()
     quad = (jc.T @ y.reshape(-1).to(f64)).square().sum()
