@@ -24,9 +24,10 @@ from collections.abc import Callable
 import torch
 from bench_kernels import CASES
 
-from lightning_probes.core import kernels, kernels_factors
-from lightning_probes.core.gram import self_gram
+from lightning_probes.core.kernels import factors as kernels_factors
 from lightning_probes.core.kernels import layer_tangent_kernels
+from lightning_probes.core.kernels import tangent as kernels
+from lightning_probes.functional.linalg import self_gram
 
 
 def plain(x: torch.Tensor, **_: int) -> torch.Tensor:

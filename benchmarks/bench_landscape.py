@@ -4,7 +4,7 @@ The reference evaluates the plane one point at a time: build the point's paramet
 call :func:`~lightning_probes.core.evaluation.probe_loss` (one ``functional_call`` per point,
 the naive way). The batched form is :func:`~lightning_probes.core.landscape.loss_plane`: for a
 chain of known layers its exact structured path (first moved layer computed once per
-direction, per-point ``bmm`` after it, see ``core/landscape_affine.py``); the ``vmap`` column
+direction, per-point ``bmm`` after it, see ``core/landscape/affine.py``); the ``vmap`` column
 is the generic fallback (``vmap`` over ``functional_call`` with stacked parameters).
 Target (issue 7): at least 5x faster on CPU. Runs are interleaved and the median is reported
 (the machine may be shared). ``flop ratio``: the loop's multiply-add FLOPs over the

@@ -5,7 +5,7 @@ networks, each evaluated on the batch of all ``d`` inputs ``x0 + 100 e_i`` and t
 ``x0 - 100 e_i``, then scikit-learn's PCA. Ours: :func:`network_gradients` (cache-sized input
 blocks; vmap over networks on GPU; LeNet's ``conv1 -> relu -> max_pool2d`` and the
 ``conv2 -> relu -> max_pool2d`` after it evaluated only in the pooling windows each ``e_i``
-reaches, ``core.nad_local``) and :func:`principal_axes`.
+reaches, ``core.nad.local``) and :func:`principal_axes`.
 
 The issue asks for 1,000 networks; timing the reference on 1,000 takes minutes, so both are
 timed on ``NETS`` (ours: ``OUR_NETS``) networks per repeat (interleaved, median over repeats,
@@ -27,7 +27,7 @@ from sklearn.decomposition import PCA
 from torch import nn
 
 from lightning_probes.core.nad import network_gradients
-from lightning_probes.core.nad_eval import _ChunkEvaluator
+from lightning_probes.core.nad.evaluator import ChunkEvaluator
 from lightning_probes.functional.nad import principal_axes
 
 NETS = 8
@@ -127,7 +127,7 @@ def main() -> None:
         f"(per-network times: median of {REPEATS} interleaved repeats of {NETS} (authors) and "
         f"{OUR_NETS} (ours) networks)"
     )
-    evaluator = _ChunkEvaluator(LeNet(), x0, "secant", 100.0, 0, None)
+    evaluator = ChunkEvaluator(LeNet(), x0, "secant", 100.0, 0, None)
     print(f"secant path: {type(evaluator.first).__name__ if evaluator.first else 'full network'}")
     if torch.cuda.is_available():  # the paper's setting; goal: under 30 s
         torch.cuda.synchronize()

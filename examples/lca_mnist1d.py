@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_probes import LossContributionCallback
-from lightning_probes.callbacks.lca_plots import cumulative_by_layer_figure, loss_curve_figure
+from lightning_probes.callbacks.plots.lca import cumulative_by_layer_figure, loss_curve_figure
 from lightning_probes.functional.lca import layer_sums, weibull_fit
 
 OUT = Path("outputs/lca_mnist1d")

@@ -31,7 +31,7 @@ import torch
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 
 from lightning_probes import LandscapeCallback
-from lightning_probes.core.hessian import count_short_directions
+from lightning_probes.core.landscape.hessian import count_short_directions
 from lightning_probes.functional.landscape import (
     interpolation_barrier,
     nearest_wedge,

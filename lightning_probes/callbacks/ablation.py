@@ -19,7 +19,10 @@ from typing_extensions import override
 
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.base import ProbeCallback
-from lightning_probes.core.ablation import (
+from lightning_probes.core.cost import CostUnits
+from lightning_probes.core.data import ProbeSet
+from lightning_probes.core.evaluation import OutputFn
+from lightning_probes.core.interventions.ablation import (
     AblationCurve,
     AblationValue,
     NoiseCurve,
@@ -27,10 +30,7 @@ from lightning_probes.core.ablation import (
     default_ablation_layers,
     noise_curve,
 )
-from lightning_probes.core.cost import CostUnits
-from lightning_probes.core.data import ProbeSet
-from lightning_probes.core.evaluation import OutputFn
-from lightning_probes.core.interventions import trace_model
+from lightning_probes.core.interventions.engine import trace_model
 from lightning_probes.core.layers import check_layer_spec, select_layers
 from lightning_probes.functional.ablation import curve_area
 

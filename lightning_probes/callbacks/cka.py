@@ -24,9 +24,9 @@ from lightning_probes.callbacks.base import ProbeCallback
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import OutputFn, chunks
-from lightning_probes.core.kernels import resolve_layers, tangent_kernel_factors
-from lightning_probes.core.kernels_estimate import estimate_layer_alignments
-from lightning_probes.core.kernels_stats import kernel_statistics
+from lightning_probes.core.kernels.estimate import estimate_layer_alignments
+from lightning_probes.core.kernels.stats import kernel_statistics
+from lightning_probes.core.kernels.tangent import resolve_layers, tangent_kernel_factors
 from lightning_probes.core.layers import check_layer_spec
 from lightning_probes.functional.alignment import center_kernel
 

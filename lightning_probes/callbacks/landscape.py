@@ -6,7 +6,7 @@ radially (the weight norm :math:`r` grows), every random 2-D cut around the curr
 shows a convex depression (a "radial tunnel"), few directions are short (high curvature),
 and checkpoints that lie on different wedges cannot be averaged. This callback logs the
 measurements that test this picture on a real run; the math lives in
-:mod:`lightning_probes.core.landscape`, :mod:`lightning_probes.core.hessian` and
+:mod:`lightning_probes.core.landscape.planes`, :mod:`lightning_probes.core.landscape.hessian` and
 :mod:`lightning_probes.functional.landscape`.
 """
 
@@ -26,8 +26,8 @@ from lightning_probes.callbacks.base import ProbeCallback
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import LossFn, OutputFn, probe_loss
-from lightning_probes.core.hessian import count_short_directions, hessian_top_eigenvalues
-from lightning_probes.core.landscape import (
+from lightning_probes.core.landscape.hessian import count_short_directions, hessian_top_eigenvalues
+from lightning_probes.core.landscape.planes import (
     LossPlane,
     flatten,
     loss_along_path,

@@ -37,11 +37,11 @@ from typing_extensions import override
 
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.base import NonFiniteValueError, ProbeCallback
-from lightning_probes.callbacks.lca_plots import ROOT_LAYER, log_artefacts
+from lightning_probes.callbacks.plots.lca import ROOT_LAYER, log_artefacts
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import LossFn, OutputFn, probe_loss
-from lightning_probes.core.lca import (
+from lightning_probes.core.lca.allocation import (
     METHODS,
     Method,
     loss_change_allocation,

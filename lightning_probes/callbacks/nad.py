@@ -29,7 +29,7 @@ from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import OutputAdapter
 from lightning_probes.core.isolation import isolated
-from lightning_probes.core.nad import (
+from lightning_probes.core.nad.directions import (
     NADResult,
     fresh_network_factory,
     input_gradient_energy,

@@ -16,13 +16,13 @@ from typing_extensions import override
 
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.base import ProbeCallback
-from lightning_probes.core.ablation import AblationValue, default_ablation_layers
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import OutputFn, as_logits
-from lightning_probes.core.interventions import trace_model
+from lightning_probes.core.interventions.ablation import AblationValue, default_ablation_layers
+from lightning_probes.core.interventions.engine import trace_model
+from lightning_probes.core.interventions.selectivity import unit_ablation_impact, unit_activity
 from lightning_probes.core.layers import check_layer_spec, select_layers
-from lightning_probes.core.selectivity import unit_ablation_impact, unit_activity
 from lightning_probes.functional.selectivity import (
     binned_mutual_information,
     class_conditional_means,

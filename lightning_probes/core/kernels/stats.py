@@ -24,14 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from lightning_probes.core.evaluation import OutputFn
-from lightning_probes.core.gram import self_gram
-from lightning_probes.core.kernels import KernelMethod, Layers, tangent_kernel_factors
-from lightning_probes.core.kernels_factors import AffineFactors, LayerFactors, sample_spans
+from lightning_probes.core.kernels.factors import AffineFactors, LayerFactors, sample_spans
+from lightning_probes.core.kernels.tangent import KernelMethod, Layers, tangent_kernel_factors
 from lightning_probes.functional.alignment import (
     Centering,
     centered_labels,
     top_abs_eigenvalue,
 )
+from lightning_probes.functional.linalg import self_gram
 
 
 @dataclass

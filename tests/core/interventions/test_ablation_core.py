@@ -308,7 +308,7 @@ def test_functional_counts_masks_area():
 def test_cnn_shortcut_paths_equal_naive_loop(padding_mode, path, monkeypatch):
     """Both ways of ablating through the conv after the first point (all units' contributions
     at once, or per newly ablated channel when those do not fit) match the naive loop."""
-    import lightning_probes.core.interventions_fast as engine
+    import lightning_probes.core.interventions.contributions as engine
 
     calls = []
     original = getattr(engine, path)
@@ -356,7 +356,7 @@ def test_sparse_layers_after_later_points_match_hand_forward(value, monkeypatch)
     """A layer that reads the previous point (here Linear 4 after ReLU 3 and Conv 8 after
     ReLU 7) computes only kept outputs from kept inputs; accuracy and loss match a forward pass
     written out by hand for each mask, in float64."""
-    import lightning_probes.core.interventions as engine
+    import lightning_probes.core.interventions.engine as engine
 
     calls = []
     original = engine._sparse_layer

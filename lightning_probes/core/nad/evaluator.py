@@ -4,16 +4,16 @@ Ortiz-Jiménez, Modas, Moosavi-Dezfooli, Frossard, "Neural Anisotropy Directions
 NeurIPS 2020. Used by :func:`~lightning_probes.core.nad.network_gradients`, which draws the
 networks and reduces their outputs, and by :class:`~lightning_probes.callbacks.nad.NADCallback`:
 
-- ``_ChunkEvaluator``: the gradients of a chunk of freshly initialised networks at the
+- ``ChunkEvaluator``: the gradients of a chunk of freshly initialised networks at the
   evaluation point :math:`x_0` — the authors' central differences with step :math:`h` along
   every input basis vector (or autograd), the ``2d`` perturbed inputs in blocks sized from the
   memory budget, the networks of a chunk stacked and evaluated together by
   :func:`torch.func.vmap` over :func:`torch.func.functional_call` (a loop where vmap fails);
   the first layer's outputs (or a local ``conv -> activations -> max_pool2d`` start) built
-  without evaluating it where :mod:`~lightning_probes.core.nad_local` or
-  :mod:`~lightning_probes.core.nad_first_layer` finds that exact.
+  without evaluating it where :mod:`~lightning_probes.core.nad.local` or
+  :mod:`~lightning_probes.core.nad.first_layer` finds that exact.
 - :func:`input_gradient_energy`: how a trained network's input Jacobian distributes over the
-  NADs (re-exported by :mod:`lightning_probes.core.nad`).
+  NADs (re-exported by :mod:`lightning_probes.core.nad.directions`).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from lightning_probes.core.nad_first_layer import FirstLayer, find_first_layer
-from lightning_probes.core.nad_local import LocalPrefix, find_local_prefix
+from lightning_probes.core.nad.first_layer import FirstLayer, find_first_layer
+from lightning_probes.core.nad.local import LocalPrefix, find_local_prefix
 
 if TYPE_CHECKING:
-    from lightning_probes.core.nad import Method
+    from lightning_probes.core.nad.directions import Method
 
 
 def input_gradient_energy(
@@ -80,7 +80,7 @@ def input_gradient_energy(
     return energy / n, total / n
 
 
-class _ChunkEvaluator:
+class ChunkEvaluator:
     """Gradients of a chunk of networks at ``x0``: one vmapped call per block of inputs."""
 
     def __init__(
@@ -115,7 +115,7 @@ class _ChunkEvaluator:
         self.default_budget = 2**30 if cuda else 2**25
         self.block = 1
         # a linear first layer applied to the input alone: its outputs on the secant inputs
-        # are built from its weights instead of evaluated (`core.nad_local`, `nad_first_layer`)
+        # are built from its weights instead of evaluated (`core.nad.local`, `core.nad.first_layer`)
         self.first: FirstLayer | LocalPrefix | None = None
         self.tail_names: set[str] = set()
         if method == "secant":
@@ -139,6 +139,7 @@ class _ChunkEvaluator:
         self.block = max(1, min(d, budget // max(1, 2 * chunk_size * self.sample_bytes)))
 
     def __call__(self, states: list[tuple[dict[str, Tensor], dict[str, Tensor]]]) -> Tensor:
+        """Secant (or autograd) input gradients of the networks in ``states``, ``[m, d]``."""
         params = {k: torch.stack([s[0][k] for s in states]).to(self.device) for k in states[0][0]}
         buffers = {k: torch.stack([s[1][k] for s in states]).to(self.device) for k in states[0][1]}
         if self.method == "autograd":
@@ -283,3 +284,17 @@ def _activation_bytes(model: nn.Module, x0: Tensor) -> tuple[int, int]:
             h.remove()
     # x3: functional ops (relu, pooling) between modules are not seen by hooks
     return 3 * (sum(sizes) + x0.numel() * x0.element_size()), out[0].numel()
+
+
+def network_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Detached copies of a network's parameters and buffers, after switching it to ``eval()``.
+
+    NADs are computed on untrained networks in evaluation mode (DESIGN.md, method notes); the
+    :class:`ChunkEvaluator` takes a list of these states and stacks them for ``vmap``.
+
+    Returns:
+        ``(parameters, buffers)``, each a dict of detached clones keyed by name.
+    """
+    model.eval()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    return params, {k: v.detach().clone() for k, v in model.named_buffers()}

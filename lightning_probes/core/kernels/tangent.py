@@ -14,12 +14,12 @@ How it is computed, without materialising per-sample gradients where avoidable:
   (any stride, padding, dilation, groups, padding mode): the forward/backward decomposition
   :math:`K = (A A^T + 1) \circ (\Delta \Delta^T)` of eq. (9), summed over position pairs, or
   per-sample gradients, whichever a flop count says is cheaper
-  (:mod:`lightning_probes.core.kernels_factors`).
+  (:mod:`lightning_probes.core.kernels.factors`).
 - Any other module with parameters (LayerNorm, BatchNorm in eval, Embedding, custom): per-sample
-  vector-Jacobian products with :mod:`torch.func` (:mod:`lightning_probes.core.kernels_func`).
+  vector-Jacobian products with :mod:`torch.func` (:mod:`lightning_probes.core.kernels.func`).
 
 The gradients of all ``o`` outputs w.r.t. every selected layer's output come from one forward
-and one batched backward (:mod:`lightning_probes.core.kernels_capture`).
+and one batched backward (:mod:`lightning_probes.core.kernels.capture`).
 """
 
 from __future__ import annotations
@@ -32,17 +32,17 @@ from torch import Tensor, nn
 
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import OutputFn, chunks
-from lightning_probes.core.gram import self_gram
-from lightning_probes.core.kernels_capture import LayerRecord, record_layers
-from lightning_probes.core.kernels_factors import (
+from lightning_probes.core.kernels.capture import LayerRecord, record_layers
+from lightning_probes.core.kernels.factors import (
     AffineFactors,
     LayerFactors,
     conv_output_grads,
     conv_patches,
     full_kernel,
 )
-from lightning_probes.core.kernels_func import func_factors
+from lightning_probes.core.kernels.func import func_factors
 from lightning_probes.core.layers import owns_parameters, select_layers
+from lightning_probes.functional.linalg import self_gram
 
 KernelMethod = Literal["auto", "gram", "jacobian", "func"]
 _METHODS = ("auto", "gram", "jacobian", "func")

@@ -12,7 +12,7 @@ that meet pixel :math:`i`, placed at the output positions whose receptive field 
 most ``kh * kw``, the same for every network, found once by unfolding an image of pixel
 indices). Exact up to the rounding of a different summation order. The layer's ``forward`` is
 replaced for the call by one returning these outputs (:class:`FirstLayer`);
-:mod:`lightning_probes.core.nad_local` goes further for ``conv -> act -> max_pool`` starts.
+:mod:`lightning_probes.core.nad.local` goes further for ``conv -> act -> max_pool`` starts.
 
 Used only where checked (:func:`find_first_layer`): one leaf module receives the network's
 input tensor itself, is called once and is exactly ``nn.Linear``/``nn.Conv2d`` with supported

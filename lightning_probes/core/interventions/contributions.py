@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from lightning_probes.core.interventions import AblationPoint, Masks
+    from lightning_probes.core.interventions.engine import AblationPoint, Masks
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _ELEMENTWISE = (

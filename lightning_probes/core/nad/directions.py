@@ -19,11 +19,11 @@ inputs. Here the inputs come in blocks sized so one call's activations stay with
 first layer's activations to memory) — and on GPU the networks of a chunk are stacked
 (``{name: (g, ...)}``) and evaluated together by :func:`torch.func.vmap` over
 :func:`torch.func.functional_call`, many small kernels becoming a few large ones
-(:mod:`lightning_probes.core.nad_eval`). For the secant method, a linear first layer applied
+(:mod:`lightning_probes.core.nad.evaluator`). For the secant method, a linear first layer applied
 to the input alone is not evaluated: :math:`A(x_0 \pm h e_i) + b = (A x_0 + b) \pm h A e_i`,
-built from its weights (:mod:`lightning_probes.core.nad_first_layer`); and a
+built from its weights (:mod:`lightning_probes.core.nad.first_layer`); and a
 ``conv -> act -> max_pool2d`` start (and a second one after it) is evaluated only in the few
-pooling windows each :math:`e_i` reaches (:mod:`lightning_probes.core.nad_local`). Both are
+pooling windows each :math:`e_i` reaches (:mod:`lightning_probes.core.nad.local`). Both are
 used only where a check shows them exact; otherwise the whole network is evaluated.
 """
 
@@ -40,8 +40,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_probes.core.nad_eval import _ChunkEvaluator
-from lightning_probes.core.nad_eval import (  # re-exported: `core.nad` is its public home
+from lightning_probes.core.nad.evaluator import ChunkEvaluator, network_state
+from lightning_probes.core.nad.evaluator import (  # re-exported: `core.nad` is its public home
     input_gradient_energy as input_gradient_energy,
 )
 from lightning_probes.functional.nad import SVDMethod, principal_axes
@@ -113,7 +113,7 @@ def neural_anisotropy_directions(
         chunk_size: Networks evaluated together by one vmapped call (default 1 on CPU, where
             cache-sized input blocks are what pays off, and 128 on GPU).
         memory_budget: Bytes of activations per call (default 32 MiB on CPU, 64 MiB there
-            with the secant shortcut of :mod:`~lightning_probes.core.nad_local`, 1 GiB on GPU).
+            with the secant shortcut of :mod:`~lightning_probes.core.nad.local`, 1 GiB on GPU).
         device: Where to evaluate (default: where the factory's networks live).
         progress: Show a progress bar on stderr.
 
@@ -223,14 +223,14 @@ def network_gradients(
     filled = 0
     with _seeded_global_rng(init_seed), _progress(num_networks, progress) as advance:
         template = model_factory()
-        pending = [_state(template)]
-        evaluator = _ChunkEvaluator(template, x0, method, step, proj_seed, device)
+        pending = [network_state(template)]
+        evaluator = ChunkEvaluator(template, x0, method, step, proj_seed, device)
         chunk = chunk_size or evaluator.default_chunk_size
         evaluator.plan(chunk, memory_budget)
         made = 1
         while pending:
             while len(pending) < chunk and made < num_networks:
-                pending.append(_state(model_factory()))
+                pending.append(network_state(model_factory()))
                 made += 1
             rows = evaluator(pending)
             if out is None:
@@ -238,7 +238,7 @@ def network_gradients(
             out[filled : filled + rows.shape[0]] = rows
             filled += rows.shape[0]
             advance(len(pending))
-            pending = [_state(model_factory())] if made < num_networks else []
+            pending = [network_state(model_factory())] if made < num_networks else []
             made += len(pending)
     assert out is not None and filled == num_networks
     return out, evaluator.x0
@@ -286,12 +286,6 @@ def fresh_network_factory(model: nn.Module) -> ModelFactory:
         return template
 
     return factory
-
-
-def _state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    model.eval()
-    params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    return params, {k: v.detach().clone() for k, v in model.named_buffers()}
 
 
 def _generator_from_global_rng() -> torch.Generator:

@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
 from lightning_probes.core.evaluation import OutputFn, as_logits
-from lightning_probes.core.kernels import Layers, resolve_layers
-from lightning_probes.core.kernels_capture import check_batchnorm_eval
+from lightning_probes.core.kernels.capture import check_batchnorm_eval
+from lightning_probes.core.kernels.tangent import Layers, resolve_layers
 from lightning_probes.functional.alignment import Centering, centered_labels
 
 

@@ -1,7 +1,7 @@
 r"""NADs, secant method: a second ``conv -> act -> max_pool`` evaluated only where it changes.
 
 Ortiz-Jiménez, Modas, Moosavi-Dezfooli, Frossard, "Neural Anisotropy Directions",
-NeurIPS 2020. After :class:`~lightning_probes.core.nad_local.LocalPrefix`, the pooled map
+NeurIPS 2020. After :class:`~lightning_probes.core.nad.local.LocalPrefix`, the pooled map
 :math:`P` of a secant input differs from the base point's :math:`P_0` in a small box
 :math:`\Delta P`; a linear ``conv2`` gives
 

@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import functional_call, hessian
 
 from lightning_probes.core.data import ProbeSet
-from lightning_probes.core.hessian import (
+from lightning_probes.core.landscape.hessian import (
     count_short_directions,
     hessian_top_eigenvalues,
     hessian_vector_product,

@@ -5,10 +5,10 @@ NeurIPS 2020. Each secant input :math:`x_0 \pm h e_i` differs from :math:`x_0` i
 entry, which a convolution sees in at most ``kh * kw`` output positions and a max pooling in a
 few windows. For a network that starts ``conv -> act* -> max_pool2d -> act*`` (traced with
 :mod:`torch.fx`), :class:`LocalPrefix` recomputes only those windows — base convolution plus
-:math:`\pm h` times the kernel entries (:class:`~lightning_probes.core.nad_first_layer.
+:math:`\pm h` times the kernel entries (:class:`~lightning_probes.core.nad.first_layer.
 FirstLayer`'s index structure), the same activations, a max — and writes them into the base
 point's pooled map; a following ``conv2 -> act* -> max_pool2d -> act*`` likewise
-(:mod:`lightning_probes.core.nad_second_stage`). The rest of the traced graph (``tail``) runs
+(:mod:`lightning_probes.core.nad.second_stage`). The rest of the traced graph (``tail``) runs
 on the result. Exact up to the rounding of a different summation order.
 
 Used only where checked (:func:`find_local_prefix`): the input is used by one
@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_probes.core.nad_first_layer import (
+from lightning_probes.core.nad.first_layer import (
     FirstLayer,
     outputs_match,
     secant_inputs,
     supported,
 )
-from lightning_probes.core.nad_second_stage import SecondStage, int_pair, max_over
+from lightning_probes.core.nad.second_stage import SecondStage, int_pair, max_over
 
 _ELEMENTWISE: dict[Any, Callable[[Tensor], Tensor]] = {
     F.relu: torch.relu,

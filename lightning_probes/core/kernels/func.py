@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
-from lightning_probes.core.kernels_capture import LayerRecord
-from lightning_probes.core.kernels_factors import JacobianFactors
+from lightning_probes.core.kernels.capture import LayerRecord
+from lightning_probes.core.kernels.factors import JacobianFactors
 
 
 def func_factors(module: nn.Module, record: LayerRecord, chunk_size: int | None) -> JacobianFactors:
@@ -30,7 +30,7 @@ def func_factors(module: nn.Module, record: LayerRecord, chunk_size: int | None)
         chunk_size: Samples per ``vmap`` call (``None``: all).
 
     Returns:
-        :class:`~lightning_probes.core.kernels_factors.JacobianFactors`.
+        :class:`~lightning_probes.core.kernels.factors.JacobianFactors`.
     """
     params = {k: p.detach() for k, p in module.named_parameters(recurse=False)}
     names = list(params)

@@ -1,4 +1,4 @@
-"""The layer-chain path of loss planes and paths (core/landscape_affine.py), in float64.
+"""The layer-chain path of loss planes and paths (core/landscape/affine.py), in float64.
 
 Reference: the point's weights written into a deep copy of the network, which is run on the
 whole probe set; the loss is computed by hand (log-softmax picked at the target, or squared
@@ -20,8 +20,8 @@ from lightning_probes.core.landscape import (
     random_direction,
     trainable_parameters,
 )
-from lightning_probes.core.landscape_affine import affine_family_loss
-from lightning_probes.core.landscape_chain import trace_chain
+from lightning_probes.core.landscape.affine import affine_family_loss
+from lightning_probes.core.landscape.chain import trace_chain
 
 Params = dict[str, torch.Tensor]
 

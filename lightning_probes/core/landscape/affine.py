@@ -3,7 +3,7 @@ r"""Exact loss on an affine family of weights (planes, segments) for chains of k
 Every point of a loss plane (Fort & Jastrzebski, NeurIPS 2019; Li et al., NeurIPS 2018) or of
 a polygonal path through weight space is :math:`\theta_i = \theta_c + \sum_k C_{ik} d_k`. When
 the network is a chain of known layers (checked by tracing one sample through it,
-:func:`~lightning_probes.core.landscape_chain.trace_chain`), three facts
+:func:`~lightning_probes.core.landscape.chain.trace_chain`), three facts
 make the family much cheaper to evaluate than one ``functional_call`` per point, while the
 result stays the per-point loss up to float rounding:
 
@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import LossFn, OutputFn, chunks, default_loss
-from lightning_probes.core.landscape_chain import CONV, Link, trace_chain
+from lightning_probes.core.landscape.chain import CONV, Link, trace_chain
 
 _NARROW = 32  # Linear layers with fewer outputs are computed output-major (see below)
 _CPU_GROUP_BYTES = 8 * 2**20  # activations of a group of points kept cache-sized on the CPU

@@ -1,4 +1,4 @@
-"""core.nad_first_layer/_local/_second_stage: secant shortcuts equal a naive loop, used if exact."""
+"""core.nad first_layer/local/second_stage: secant shortcuts equal a naive loop, used if exact."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_probes.core.nad import _state, network_gradients
-from lightning_probes.core.nad_eval import _ChunkEvaluator
-from lightning_probes.core.nad_first_layer import FirstLayer
-from lightning_probes.core.nad_local import LocalPrefix
+from lightning_probes.core.nad import network_gradients
+from lightning_probes.core.nad.evaluator import ChunkEvaluator, network_state
+from lightning_probes.core.nad.first_layer import FirstLayer
+from lightning_probes.core.nad.local import LocalPrefix
 
 
 def _naive(net, x0, step=100.0):
@@ -121,7 +121,7 @@ def test_second_stage_equals_a_naive_loop(name):
     ev = _evaluator(net, x0)
     assert isinstance(ev.first, LocalPrefix) and ev.first.stage2 is not None
     ev.block = 11
-    got = ev([_state(net)])[0]
+    got = ev([network_state(net)])[0]
     torch.testing.assert_close(got, _naive(net, x0), rtol=1e-10, atol=1e-12)
 
 
@@ -131,11 +131,11 @@ def test_second_stage_only_where_supported():
     x0 = torch.randn(1, 16, 16, dtype=torch.float64)
     ev = _evaluator(net, x0)
     assert isinstance(ev.first, LocalPrefix) and ev.first.stage2 is None
-    torch.testing.assert_close(ev([_state(net)])[0], _naive(net, x0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ev([network_state(net)])[0], _naive(net, x0), rtol=1e-10, atol=1e-12)
 
 
 def _evaluator(net, x0, chunk=1):
-    ev = _ChunkEvaluator(net, x0, "secant", 100.0, 0, None)
+    ev = ChunkEvaluator(net, x0, "secant", 100.0, 0, None)
     ev.plan(chunk, None)
     return ev
 
@@ -149,7 +149,7 @@ def test_local_prefix_equals_a_naive_loop(name):
     ev = _evaluator(net, x0)
     assert isinstance(ev.first, LocalPrefix)
     ev.block = 7  # several blocks, the last one partial
-    got = ev([_state(net)])[0]
+    got = ev([network_state(net)])[0]
     torch.testing.assert_close(got, _naive(net, x0), rtol=1e-10, atol=1e-12)
 
 
@@ -166,7 +166,7 @@ def test_local_prefix_vmapped_chunks_equal_the_loop(cls):
     expected = torch.stack([_naive(n.eval(), x0) for n in nets])
     torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
     ev = _evaluator(nets[0], x0)
-    ev([_state(n) for n in nets[:3]])
+    ev([network_state(n) for n in nets[:3]])
     assert ev.vectorize_first  # the shortcut itself ran under vmap, no fallback
 
 
@@ -202,7 +202,7 @@ def test_first_layer_shortcut_equals_a_naive_loop(factory, shape, chunk):
     x0 = torch.randn(shape, dtype=torch.float64)
     ev = _evaluator(nets[0].eval(), x0)
     assert isinstance(ev.first, FirstLayer)
-    ev([_state(n) for n in nets])
+    ev([network_state(n) for n in nets])
     assert ev.vectorize_first
     it = iter(nets)
     grads, _ = network_gradients(
@@ -251,7 +251,7 @@ def test_no_shortcut_where_it_would_not_be_exact(cls):
     x0 = torch.randn(1, 6, 6, dtype=torch.float64)
     ev = _evaluator(net, x0)
     assert ev.first is None
-    torch.testing.assert_close(ev([_state(net)])[0], _naive(net, x0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ev([network_state(net)])[0], _naive(net, x0), rtol=1e-10, atol=1e-12)
 
 
 def test_float32_lenet_matches_the_float64_loop_within_rounding():
@@ -260,7 +260,7 @@ def test_float32_lenet_matches_the_float64_loop_within_rounding():
     x0 = torch.randn(1, 20, 20)
     ev = _evaluator(net, x0)
     assert isinstance(ev.first, LocalPrefix) and ev.first.stage2 is not None
-    got = ev([_state(net)])[0].double()
+    got = ev([network_state(net)])[0].double()
     expected = _naive(net.double(), x0.double())
     # float32 rounding of values of size |h w| ~ 100 * 0.3, divided by 2h
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from lightning_probes.core.kernels import layer_tangent_kernels
-from lightning_probes.core.kernels_estimate import estimate_layer_alignments
-from lightning_probes.core.kernels_stats import layer_alignments
+from lightning_probes.core.kernels.estimate import estimate_layer_alignments
+from lightning_probes.core.kernels.stats import layer_alignments
 from lightning_probes.functional.alignment import (
     center_kernel,
     centered_kernel_alignment,

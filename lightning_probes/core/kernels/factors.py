@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lightning_probes.core.gram import self_gram
+from lightning_probes.functional.linalg import self_gram
 
 Method = str  # "gram" | "jacobian"
 

@@ -22,7 +22,7 @@ samples once up to the first intervention point, whose output is expanded to ``m
 (batch ``m * n``, mask-major) and the remainder runs once on the expanded batch. Each pass
 takes as many masks as fit the memory budget (all of them if possible, fewer samples instead),
 since every pass re-runs the prefix. Two shortcuts, exact up to float rounding, avoid work
-per mask (:mod:`lightning_probes.core.interventions_fast`): the ``Linear``/``Conv`` that
+per mask (:mod:`lightning_probes.core.interventions.contributions`): the ``Linear``/``Conv`` that
 consumes the first point is not re-run per mask (each unit's contribution is computed once and
 subtracted), and a later point's own layer computes only the outputs kept at its point from
 the inputs kept at the previous point.
@@ -45,8 +45,10 @@ from torch import Tensor, nn
 
 from lightning_probes.core.evaluation import OutputFn, as_logits
 from lightning_probes.core.hooks import replace_output
-from lightning_probes.core.interventions_fast import CONV_TYPES as CONV_TYPES  # re-exported
-from lightning_probes.core.interventions_fast import (
+from lightning_probes.core.interventions.contributions import (
+    CONV_TYPES as CONV_TYPES,  # re-exported
+)
+from lightning_probes.core.interventions.contributions import (
     _Call,
     _find_shortcut,
     _find_sparse_consumers,
@@ -111,7 +113,7 @@ def trace_model(
         model: The network (eval mode).
         inputs: ``[n, ...]`` inputs (only the first two are run).
         layers: Names or globs of modules; ``None``: the paper's default
-            (:func:`~lightning_probes.core.ablation.default_ablation_layers`).
+            (:func:`~lightning_probes.core.interventions.ablation.default_ablation_layers`).
         follow_activation: Move from a layer to the activation module after it.
         output_fn: Maps the model output to logits ``[n, o]``.
 
@@ -126,7 +128,7 @@ def trace_model(
         raise TypeError(f"Expected `inputs` to be a Tensor [n, ...], got {type(inputs).__name__}.")
     # the paper's default selection is a policy of the curves module (imported lazily: it
     # imports this module)
-    from lightning_probes.core.ablation import default_ablation_layers
+    from lightning_probes.core.interventions.ablation import default_ablation_layers
 
     names = default_ablation_layers(model) if layers is None else list(select_layers(model, layers))
     named = dict(model.named_modules())

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import reference_kernels
 from torch import nn
 
-from lightning_probes.core.gram import self_gram
 from lightning_probes.core.kernels import layer_tangent_kernels
-from tests.test_kernels import reference_kernels
+from lightning_probes.functional.linalg import self_gram
 
 
 def dot_products(x: torch.Tensor) -> torch.Tensor:

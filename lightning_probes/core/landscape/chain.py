@@ -1,6 +1,6 @@
 r"""A network as a chain of known layers, found by tracing one sample through it.
 
-Used by :mod:`lightning_probes.core.landscape_affine` to evaluate many weight points at once
+Used by :mod:`lightning_probes.core.landscape.affine` to evaluate many weight points at once
 layer by layer: that is only exact when the network's forward is nothing but the composition
 of the layers it calls, each of a type whose computation is known.
 """

@@ -8,7 +8,7 @@ around the current point), on a plane of two random directions (Li et al. 2018),
 polygonal chain between parameter sets (low-loss connectors; averaging checkpoints that lie
 on different wedges fails). The model's weights are never written. Planes and paths are
 affine families of weights; for a chain of known layers they are evaluated exactly by
-:func:`~lightning_probes.core.landscape_affine.affine_family_loss` (the first layer the
+:func:`~lightning_probes.core.landscape.affine.affine_family_loss` (the first layer the
 directions move is linear in its weights, so it is computed once per direction; per-point
 ``bmm`` after it); any other model falls back to :func:`torch.func.vmap` over a stack of
 parameter sets with :func:`torch.func.functional_call`, chunked to a memory budget.
@@ -29,7 +29,7 @@ from torch.func import vmap
 
 from lightning_probes.core.data import ProbeSet, slice_rows
 from lightning_probes.core.evaluation import LossFn, OutputFn, chunks, probe_loss
-from lightning_probes.core.landscape_affine import affine_family_loss
+from lightning_probes.core.landscape.affine import affine_family_loss
 from lightning_probes.functional.landscape import OneDimPolicy, filter_normalize
 
 Params = dict[str, Tensor]
@@ -208,7 +208,7 @@ def loss_plane(
         resolution: Grid points per axis for the defaults.
         span: Half-width of the default grid.
         structured: Use the exact layer-chain path of
-            :func:`~lightning_probes.core.landscape_affine.affine_family_loss` when the model
+            :func:`~lightning_probes.core.landscape.affine.affine_family_loss` when the model
             allows it (first moved layer computed once per direction, per-point ``bmm``
             after it); ``False``, or a model it does not support: ``vmap`` over stacked
             parameters (:func:`batched_probe_loss`).

@@ -1,0 +1,1 @@
+"""Figures of the probes: one module per probe, figures only."""

@@ -1,0 +1,196 @@
+r"""Class selectivity, information and ablation impact of single units (Morcos et al., 2018).
+
+Units and intervention points are those of :mod:`lightning_probes.core.interventions`: by default
+the activation module after each selected layer (post-nonlinearity), a unit being one feature
+of a fully connected layer or one feature map of a conv layer (its activity spatially
+averaged). Section 3.4 of the paper asks whether a unit's class selectivity predicts the
+impact of ablating it; :func:`unit_ablation_impact` measures that impact for every unit with
+the same vectorised machinery as the cumulative ablation curves.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lightning_probes.core.evaluation import OutputFn
+from lightning_probes.core.hooks import capture
+from lightning_probes.core.interventions.ablation import AblationValue
+from lightning_probes.core.interventions.engine import (
+    Layers,
+    build_masks,
+    evaluate_interventions,
+    trace_model,
+)
+from lightning_probes.functional.selectivity import (
+    binned_mutual_information,
+    class_conditional_means,
+    selectivity_index,
+)
+
+
+def unit_activity(
+    model: nn.Module,
+    inputs: Tensor,
+    *,
+    layers: Layers,
+    follow_activation: bool = True,
+    output_fn: OutputFn | None = None,
+    chunk_size: int = 1024,
+) -> dict[str, Tensor]:
+    """Activity of every unit on every sample: ``{layer: [n, u]}`` (feature maps averaged).
+
+    Args:
+        model: The network (eval mode).
+        inputs: ``[n, ...]`` probe inputs.
+        layers: As in :func:`~lightning_probes.core.interventions.ablation.ablation_curve`.
+        follow_activation: Read the activation module after each named layer.
+        output_fn: Maps the model output to logits ``[n, o]`` (used when tracing the model).
+        chunk_size: Samples per forward pass.
+
+    Returns:
+        ``{layer: [n, u]}`` in float64.
+    """
+    trace = trace_model(model, inputs, layers, follow_activation, output_fn)
+    parts: dict[str, list[Tensor]] = {p.layer: [] for p in trace.points}
+    with torch.no_grad(), capture({p.layer: p.module for p in trace.points}) as rec:
+        for s0 in range(0, inputs.shape[0], chunk_size):
+            model(inputs[s0 : s0 + chunk_size])
+            for p in trace.points:
+                out = rec[p.layer].outputs.pop().to(torch.float64)
+                dim = 1 if p.unit_dim == 1 else out.ndim - 1
+                out = out.movedim(dim, 1).flatten(2).mean(2) if out.ndim > 2 else out
+                parts[p.layer].append(out)
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+def class_selectivity(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    layers: Layers,
+    num_classes: int,
+    follow_activation: bool = True,
+    output_fn: OutputFn | None = None,
+) -> dict[str, Tensor]:
+    r"""Class selectivity index of every unit (Morcos et al., 2018, eq. 1).
+
+    .. math:: \mathrm{SI} = \frac{\mu_{\max} - \mu_{-\max}}{\mu_{\max} + \mu_{-\max}}
+
+    of the class-conditional mean activity (spatial mean for feature maps); dead units get 0.
+    Classes absent from ``targets`` are left out of :math:`\mu_{-\max}`. The paper computes it
+    on the test set: pass held-out data to follow it exactly.
+
+    Args:
+        model: The classifier (eval mode).
+        inputs: ``[n, ...]`` inputs.
+        targets: ``[n]`` class indices.
+        layers: As in :func:`~lightning_probes.core.interventions.ablation.ablation_curve`.
+        num_classes: Number of classes.
+        follow_activation: Read the activation module after each named layer.
+        output_fn: Maps the model output to logits ``[n, o]``.
+
+    Returns:
+        ``{layer: [u]}`` float64, in ``[0, 1]`` for non-negative activity.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+        >>> si = class_selectivity(net, torch.randn(30, 4), torch.arange(30) % 3, layers=None,
+        ...                        num_classes=3)
+        >>> si["0"].shape
+        torch.Size([6])
+    """
+    out = {}
+    for name, act in unit_activity(
+        model, inputs, layers=layers, follow_activation=follow_activation, output_fn=output_fn
+    ).items():
+        means, present = class_conditional_means(act, targets, num_classes)
+        out[name] = selectivity_index(means, present)
+    return out
+
+
+def unit_mutual_information(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    layers: Layers,
+    num_classes: int,
+    num_bins: int = 10,
+    follow_activation: bool = True,
+    output_fn: OutputFn | None = None,
+) -> dict[str, Tensor]:
+    """Mutual information (bits) between each unit's binned activity and the class.
+
+    See :func:`~lightning_probes.functional.selectivity.binned_mutual_information`
+    (Morcos et al., 2018, appendix A.5).
+
+    Returns:
+        ``{layer: [u]}`` float64.
+    """
+    acts = unit_activity(
+        model, inputs, layers=layers, follow_activation=follow_activation, output_fn=output_fn
+    )
+    return {
+        name: binned_mutual_information(act, targets, num_classes, num_bins)
+        for name, act in acts.items()
+    }
+
+
+def unit_ablation_impact(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    layers: Layers,
+    value: AblationValue = "zero",
+    follow_activation: bool = True,
+    output_fn: OutputFn | None = None,
+    memory_budget: int = 2**25,
+) -> dict[str, Tensor]:
+    r"""Increase of the mean cross-entropy when each unit alone is ablated.
+
+    .. math:: \Delta L_j = L(\text{unit } j \text{ clamped}) - L(\text{intact})
+
+    All :math:`U` single-unit ablations run as masks of one vectorised evaluation (shared
+    prefix, expanded batch; see :mod:`lightning_probes.core.interventions`). The paper (sec. 3.4)
+    measures it on the test loss of networks trained on true labels.
+
+    Args:
+        model: The classifier (eval mode).
+        inputs: ``[n, ...]`` inputs.
+        targets: ``[n]`` class indices.
+        layers: As in :func:`~lightning_probes.core.interventions.ablation.ablation_curve`.
+        value: ``"zero"`` or ``"mean"`` (see :func:`ablation_curve`).
+        follow_activation: Ablate the activation after each named layer.
+        output_fn: Maps the model output to logits.
+        memory_budget: Approximate bytes of activations per forward pass.
+
+    Returns:
+        ``{layer: [u]}`` float64 loss increases (negative: ablation helped).
+    """
+    if value not in ("zero", "mean"):
+        raise ValueError(f"`value` can be 'zero' or 'mean', got {value!r}.")
+    trace = trace_model(model, inputs, layers, follow_activation, output_fn)
+    sizes = [p.num_units for p in trace.points]
+    total = sum(sizes)
+    keep = torch.ones(total + 1, total, dtype=torch.bool)
+    keep[1:].fill_diagonal_(False)  # row 0: intact; row 1 + j: unit j ablated
+    masks = build_masks(model, inputs, trace, keep, value)
+    _, loss = evaluate_interventions(
+        model,
+        inputs,
+        targets,
+        trace,
+        total + 1,
+        masks,
+        masks=masks,
+        with_loss=True,
+        output_fn=output_fn,
+        memory_budget=memory_budget,
+    )
+    assert loss is not None
+    impact = (loss[1:] - loss[0]).split(sizes)
+    return {p.layer: d for p, d in zip(trace.points, impact)}
