@@ -68,7 +68,8 @@ def capture(
             :func:`~lightning_probes.core.layers.select_layers`.
         inputs: Record each call's first positional input.
         outputs: Record each call's output (must be a tensor).
-        detach: Detach recorded tensors from the graph (``False`` keeps them differentiable).
+        detach: Record detached copies, safe from later in-place ops on the same storage
+            (``False`` records the graph's own tensors, differentiable).
 
     Yields:
         ``{name: Captured}``, filled as the model runs.
@@ -83,29 +84,46 @@ def capture(
     records = {name: Captured() for name in layers}
     handles: list[RemovableHandle] = []
 
+    def make_pre_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        # Inputs are read before the layer runs: an in-place layer (nn.ReLU(inplace=True))
+        # overwrites its input, so a post-hook would see the output instead.
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0] if args else None
+            if isinstance(x, Tensor):
+                records[name].inputs.append(_kept(x, detach))
+
+        return pre_hook
+
     def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if inputs:
-                x = args[0] if args else None
-                if isinstance(x, Tensor):
-                    records[name].inputs.append(x.detach() if detach else x)
-            if outputs:
-                if not isinstance(output, Tensor):
-                    raise TypeError(
-                        f"Expected layer {name!r} to return a Tensor, got "
-                        f"{type(output).__name__}. Select a module whose output is a tensor."
-                    )
-                records[name].outputs.append(output.detach() if detach else output)
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"Expected layer {name!r} to return a Tensor, got "
+                    f"{type(output).__name__}. Select a module whose output is a tensor."
+                )
+            records[name].outputs.append(_kept(output, detach))
 
         return hook
 
     try:
         for name, module in layers.items():
-            handles.append(module.register_forward_hook(make_hook(name)))
+            if inputs:
+                handles.append(module.register_forward_pre_hook(make_pre_hook(name)))
+            if outputs:
+                handles.append(module.register_forward_hook(make_hook(name)))
         yield records
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _kept(x: Tensor, detach: bool) -> Tensor:
+    # A detached record is a copy, not an alias: a later in-place op (``nn.ReLU(inplace=True)``
+    # after the layer, ``x += ...`` in a residual block) would otherwise overwrite what was
+    # recorded, and a pre-activation read would silently become post-activation.
+    # Differentiable records stay the graph's own tensors; autograd rejects in-place changes
+    # of those that backward needs.
+    return x.detach().clone() if detach else x
 
 
 @contextmanager

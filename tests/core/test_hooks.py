@@ -70,3 +70,32 @@ def test_count_calls_detects_weight_sharing():
     shared = nn.Sequential(lin, nn.ReLU(), lin)
     assert count_calls(shared, {"0": lin}, torch.randn(2, 3)) == {"0": 2}
     assert not lin._forward_pre_hooks
+
+
+def test_detached_records_survive_later_inplace_ops():
+    """nn.ReLU(inplace=True) after the layer overwrites its output storage; the record must
+    still hold the pre-activation values (negative entries included), and a residual
+    ``x += ...`` must not change a recorded input."""
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            h = self.act(self.fc(x))
+            h += x  # in place on the ReLU's output
+            return h
+
+    torch.manual_seed(0)
+    net = Residual()
+    x = torch.randn(8, 3)
+    with torch.no_grad():
+        pre = x @ net.fc.weight.T + net.fc.bias
+    with torch.no_grad(), capture({"fc": net.fc, "act": net.act}, inputs=True) as rec:
+        net(x.clone())
+    assert (pre < 0).any()
+    assert torch.equal(rec["fc"].output, pre)
+    assert torch.equal(rec["act"].input, pre)
+    assert torch.equal(rec["act"].output, torch.relu(pre))
