@@ -46,13 +46,17 @@ class ProbeSet:
 def default_batch_to_inputs_targets(batch: Any) -> tuple[Any, Tensor | None]:
     """Split a batch of a common shape into ``(inputs, targets)``.
 
-    Understands a tensor (inputs only), a tuple/list ``(inputs, targets, ...)``, and a dict with
-    an input key (``x``, ``input``, ``inputs``, ``features``, ``image``, ``images``,
-    ``input_ids``) and optionally a target key (``y``, ``target``, ``targets``, ``label``,
-    ``labels``).
+    Understands a tensor (inputs only), a tuple/list ``(inputs, targets, ...)``, and a dict
+    with a target key (``y``, ``target``, ``targets``, ``label``, ``labels``) and/or an input key
+    (``x``, ``input``, ``inputs``, ``features``, ``image``, ``images``, ``input_ids``). A dict
+    keeps every key that is not the target: a single input key gives that tensor (the model is
+    called as ``model(x)``); several keys (``input_ids`` with ``attention_mask``,
+    ``token_type_ids``...) give a dict of them, and the model is called as ``model(**inputs)``
+    (see :func:`model_arguments`).
 
     Raises:
-        TypeError: For any other batch type; pass ``batch_to_inputs_targets=`` to the probe.
+        TypeError: For any other batch type, or a dict with neither an input nor a target key;
+            pass ``batch_to_inputs_targets=`` to the probe.
     """
     if isinstance(batch, Tensor):
         return batch, None
@@ -61,17 +65,33 @@ def default_batch_to_inputs_targets(batch: Any) -> tuple[Any, Tensor | None]:
         return batch[0], targets
     if isinstance(batch, Mapping):
         x_key = next((k for k in _INPUT_KEYS if k in batch), None)
-        if x_key is not None:
-            y_key = next((k for k in _TARGET_KEYS if k in batch), None)
-            return batch[x_key], None if y_key is None else batch[y_key]
-        raise TypeError(
-            f"Expected a dict batch with one of the keys {_INPUT_KEYS}, got keys "
-            f"{sorted(map(str, batch))}. Pass `batch_to_inputs_targets=` to the probe."
-        )
+        y_key = next((k for k in _TARGET_KEYS if k in batch), None)
+        if x_key is None and y_key is None:
+            raise TypeError(
+                f"Expected a dict batch with one of the keys {_INPUT_KEYS + _TARGET_KEYS}, got "
+                f"keys {sorted(map(str, batch))}. Pass `batch_to_inputs_targets=` to the probe."
+            )
+        rest = {k: v for k, v in batch.items() if k != y_key}
+        inputs: Any = rest[x_key] if x_key is not None and len(rest) == 1 else rest
+        return inputs, None if y_key is None else batch[y_key]
     raise TypeError(
         f"Expected a batch that is a Tensor, a tuple/list (inputs, targets) or a dict, got "
         f"{type(batch).__name__}. Pass `batch_to_inputs_targets=` to the probe."
     )
+
+
+def model_arguments(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """How probe inputs are passed to the model: ``(args, kwargs)`` of ``model(*args, **kwargs)``.
+
+    A tensor is one positional argument (``model(x)``), a tuple is the positional arguments
+    (``model(*args)``), a mapping the keyword arguments (``model(**kwargs)``, e.g. HF
+    ``input_ids`` with ``attention_mask``).
+    """
+    if isinstance(inputs, tuple):
+        return inputs, {}
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    return (inputs,), {}
 
 
 def probe_set_from_tensors(data: Any) -> ProbeSet:

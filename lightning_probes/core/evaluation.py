@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_probes.core.data import ProbeSet, slice_rows
+from lightning_probes.core.data import ProbeSet, model_arguments, slice_rows
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """``(outputs [n, ...], targets [n, ...]) -> mean loss over the n samples`` (a scalar)."""
@@ -26,11 +26,34 @@ OutputFn = Callable[[Any], Tensor]
 def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy for integer class targets, mean squared error otherwise.
 
+    Classes are on axis 1 (``[n, o]`` logits, or ``[n, C, ...]`` for dense prediction) or, for
+    sequence models, on the last axis: logits ``[n, L, V]`` with token targets ``[n, L]`` give
+    the token-level cross-entropy, averaged over every token (``-100`` targets ignored, as in
+    ``torch`` and HF ``transformers``).
+
     Args:
-        outputs: ``[n, o]`` logits (or ``[n, o, ...]`` for dense prediction).
-        targets: ``[n]`` class indices (integer dtype) or a float tensor shaped like ``outputs``.
+        outputs: ``[n, o]``, ``[n, C, ...]`` or ``[n, L, V]`` logits.
+        targets: ``[n]``, ``[n, ...]`` or ``[n, L]`` class indices (integer dtype), or a float
+            tensor shaped like ``outputs``.
+
+    Raises:
+        ValueError: If both readings fit the shapes (e.g. ``[n, 12, 12]`` logits with ``[n, 12]``
+            targets), naming ``loss_fn=`` to pass.
     """
     if not torch.is_floating_point(targets):
+        if outputs.ndim == targets.ndim + 1 and outputs.ndim > 2:
+            classes_last = outputs.shape[:-1] == targets.shape
+            classes_second = outputs.shape[:1] + outputs.shape[2:] == targets.shape
+            if classes_last and classes_second:
+                raise ValueError(
+                    f"Expected `loss_fn=` for logits {tuple(outputs.shape)} and targets "
+                    f"{tuple(targets.shape)}: the classes could be the last axis (a sequence "
+                    "model, [n, L, V] with [n, L]) or axis 1 (dense prediction, [n, C, ...]). "
+                    "Pass e.g. `loss_fn=lambda out, y: F.cross_entropy(out.flatten(0, -2), "
+                    "y.flatten())` for the first."
+                )
+            if classes_last:
+                return nn.functional.cross_entropy(outputs.flatten(0, -2), targets.flatten())
         return nn.functional.cross_entropy(outputs, targets)
     return nn.functional.mse_loss(outputs, targets.to(outputs.dtype))
 
@@ -205,12 +228,13 @@ def collect_grads(
 def call_model(model: nn.Module, params: Mapping[str, Tensor] | None, inputs: Any) -> Any:
     """``model(inputs)`` at ``params`` (via ``functional_call``; ``None``: its own weights).
 
-    A tuple ``inputs`` is passed as positional arguments.
+    A tuple ``inputs`` is passed as positional arguments, a mapping as keyword arguments
+    (:func:`~lightning_probes.core.data.model_arguments`).
     """
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    args, kwargs = model_arguments(inputs)
     if params is None:
-        return model(*args)
-    return functional_call(model, dict(params), args, strict=False)
+        return model(*args, **kwargs)
+    return functional_call(model, dict(params), args, kwargs, strict=False)
 
 
 def _device(params: Mapping[str, Tensor]) -> torch.device:

@@ -59,3 +59,19 @@ def test_probe_set_from_dataset_and_device_move():
 def test_empty_probe_data_is_rejected():
     with pytest.raises(ValueError, match="at least one sample, got 0"):
         probe_set_from_tensors(torch.zeros(0, 3))
+
+
+def test_dict_batches_keep_every_input_key_and_call_with_keywords():
+    from lightning_probes.core.data import model_arguments
+
+    ids, mask, y = torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5), torch.zeros(2)
+    inputs, targets = default_batch_to_inputs_targets(
+        {"input_ids": ids, "attention_mask": mask, "labels": y}
+    )
+    assert set(inputs) == {"input_ids", "attention_mask"} and targets is y
+    assert inputs["attention_mask"] is mask
+    assert model_arguments(inputs) == ((), {"input_ids": ids, "attention_mask": mask})
+    assert model_arguments((ids, mask)) == ((ids, mask), {})
+    assert model_arguments(ids)[0][0] is ids
+    unlabelled, none = default_batch_to_inputs_targets({"input_ids": ids, "attention_mask": mask})
+    assert set(unlabelled) == {"input_ids", "attention_mask"} and none is None

@@ -74,3 +74,34 @@ def test_loss_and_grad_accumulate_weighted_into_given_buffers(chunk_size):
         want = start[k] + 4.0 * ref_grads[k]
         tol = 1e-6 if k == "2.bias" else 1e-10
         torch.testing.assert_close(grads[k], want.to(grads[k].dtype), rtol=tol, atol=tol)
+
+
+def test_default_loss_token_level_for_sequence_logits():
+    """Logits [n, L, V] with targets [n, L]: the mean cross-entropy over every token, written
+    out as a loop over tokens in float64 (ignored tokens, -100, excluded)."""
+    import math
+
+    from lightning_probes.core.evaluation import default_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 7, (3, 5), generator=g)
+    targets[0, 4] = -100
+    total, count = 0.0, 0
+    for i in range(3):
+        for t in range(5):
+            if targets[i, t] == -100:
+                continue
+            row = logits[i, t]
+            total += -(row[targets[i, t]] - torch.logsumexp(row, 0)).item()
+            count += 1
+    assert math.isclose(default_loss(logits, targets).item(), total / count, rel_tol=1e-12)
+    # dense prediction keeps classes on axis 1
+    dense, labels = (
+        torch.randn(2, 4, 3, 6, generator=g),
+        torch.randint(0, 4, (2, 3, 6), generator=g),
+    )
+    want = torch.nn.functional.cross_entropy(dense, labels)
+    assert torch.equal(default_loss(dense, labels), want)
+    with pytest.raises(ValueError, match="loss_fn="):
+        default_loss(torch.randn(2, 6, 6), torch.randint(0, 6, (2, 6)))
