@@ -42,6 +42,9 @@ from lightning_probes.core.interventions.shortcuts import (
     sparse_layer,
 )
 from lightning_probes.core.interventions.trace import Trace
+from lightning_probes.core.interventions.trace import (
+    trace_model as trace_model,  # re-exported (callbacks import it from here)
+)
 
 Apply = Callable[[int, Tensor, slice], Tensor]
 """``(point index, h [m, n, ...], mask slice) -> intervened h``."""

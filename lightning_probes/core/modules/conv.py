@@ -107,7 +107,7 @@ class ConvOps(LayerOps):
 
     def accepts_units(self, module: nn.Module, unit_dim: int, ndim: int) -> bool:
         """Channels as units, one group."""
-        return module.groups == 1 and unit_dim == 1
+        return bool(module.groups == 1) and unit_dim == 1
 
     def unit_contributions(
         self, module: nn.Module, d: Tensor, out_shape: tuple[int, ...]

@@ -87,7 +87,7 @@ class FlattenOps(LayerOps):
 
     def per_sample(self, module: nn.Module) -> bool:
         """``start_dim >= 1``: flattening the sample axis would mix the samples."""
-        return int(module.start_dim) >= 1  # type: ignore[call-overload]
+        return int(module.start_dim) >= 1  # type: ignore[arg-type]
 
 
 class PoolOps(LayerOps):

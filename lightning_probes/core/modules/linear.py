@@ -24,6 +24,11 @@ NARROW_OUTPUTS = 32
 :meth:`LinearOps.per_point_forward`)."""
 
 
+def _weight(module: nn.Module) -> Tensor:
+    weight: Tensor = module.weight  # type: ignore[assignment]
+    return weight
+
+
 class LinearOps(LayerOps):
     """``nn.Linear``: a dense map on the last axis, whose features are the units."""
 
@@ -57,7 +62,7 @@ class LinearOps(LayerOps):
         self, module: nn.Module, d: Tensor, out_shape: tuple[int, ...]
     ) -> Tensor:
         r""":math:`P_c = d_{\cdot c} W_{\cdot c}^\top`, ``[u, n, ..., out]``."""
-        weight: Tensor = module.weight  # type: ignore[assignment]
+        weight = _weight(module)
         u, o = weight.shape[1], weight.shape[0]
         w = weight.t().reshape(u, *([1] * (d.ndim - 1)), o)
         return d.movedim(-1, 0).unsqueeze(-1) * w
@@ -65,7 +70,7 @@ class LinearOps(LayerOps):
     def per_point_forward(self, module: nn.Module, w: dict[str, Tensor], z: Tensor) -> Tensor:
         """One batched matmul over the points ``P``: ``z [P, n, ..., in] -> [P, n, ..., out]``."""
         x, weight = z.reshape(z.shape[0], -1, z.shape[-1]), w["weight"]
-        if module.weight.shape[0] < NARROW_OUTPUTS:  # [P, o, N] then a transposed view: a narrow
+        if _weight(module).shape[0] < NARROW_OUTPUTS:  # [P, o, N] then a transposed view: a narrow
             # head's GEMM and the softmax over its outputs run faster along the long sample axis
             xt = x.transpose(1, 2)
             out = torch.baddbmm(w["bias"][..., None], weight, xt) if "bias" in w else weight @ xt
@@ -77,11 +82,11 @@ class LinearOps(LayerOps):
 
     def accepts_input(self, module: nn.Module, input_shape: tuple[int, ...]) -> bool:
         """A flat input of ``in_features`` elements."""
-        return len(input_shape) == 1 and input_shape[0] == module.weight.shape[1]
+        return len(input_shape) == 1 and input_shape[0] == _weight(module).shape[1]
 
     def input_columns(self, module: nn.Module, input_shape: tuple[int, ...]) -> InputColumns:
         """Column ``i`` of the weight meets input ``i`` at the one position ``l = 0``."""
         d = math.prod(input_shape)
         pix = torch.arange(d)
-        out_shape = (int(module.weight.shape[0]),)
+        out_shape = (int(_weight(module).shape[0]),)
         return pix, pix.clone(), torch.zeros(d, dtype=torch.long), 1, out_shape
