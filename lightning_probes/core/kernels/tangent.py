@@ -10,8 +10,10 @@ Sec. 2; Baratin et al. 2021). A "layer" is one module with the parameters it own
 
 How it is computed, without materialising per-sample gradients where avoidable:
 
-- ``nn.Linear`` (inputs of any leading shape; positions are summed over) and ``nn.Conv1d/2d``
-  (any stride, padding, dilation, groups, padding mode): the forward/backward decomposition
+- Layers whose registry entry (:mod:`lightning_probes.core.modules`) gives kernel factors —
+  ``nn.Linear`` (inputs of any leading shape; positions are summed over), ``nn.Conv1d/2d``
+  (any stride, padding, dilation, groups, padding mode), or a user's registered type: the
+  forward/backward decomposition
   :math:`K = (A A^T + 1) \circ (\Delta \Delta^T)` of eq. (9), summed over position pairs, or
   per-sample gradients, whichever a flop count says is cheaper
   (:mod:`lightning_probes.core.kernels.factors`).
