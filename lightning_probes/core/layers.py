@@ -7,12 +7,21 @@ named as in :meth:`torch.nn.Module.named_modules`.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from torch import nn
 
-DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from lightning_probes.core.modules.conv import CONV_TYPES
+
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, *CONV_TYPES)
 """Module types selected when neither ``include`` nor ``types`` is given."""
+
+LayerNames = str | Sequence[str] | None
+"""A user's layer selection by name: a name or glob, a sequence of them, or ``None`` for the
+probe's default selection."""
+
+LayerSelection = LayerNames | Mapping[str, nn.Module]
+"""A :data:`LayerNames` selection, or a ready ``{name: module}`` mapping (used as given)."""
 
 
 def owns_parameters(module: nn.Module) -> bool:

@@ -9,57 +9,28 @@ summarises accuracy into curves and their area.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from lightning_probes.core.evaluation import OutputFn
-from lightning_probes.core.interventions.engine import (
-    CONV_TYPES,
-    AblationPoint,
-    Layers,
-    build_masks,
-    evaluate_interventions,
-    has_module_of_type,
-    point_statistics,
-    trace_model,
-    unit_view,
+from lightning_probes.core.interventions.engine import evaluate_interventions
+from lightning_probes.core.interventions.masks import build_masks, point_statistics, unit_view
+from lightning_probes.core.interventions.points import AblationPoint
+from lightning_probes.core.interventions.shortcuts import ShortcutPath
+from lightning_probes.core.interventions.trace import (
+    default_ablation_layers as default_ablation_layers,  # re-exported: the curves' policy
 )
-from lightning_probes.core.layers import select_layers
+from lightning_probes.core.interventions.trace import trace_model
+from lightning_probes.core.layers import LayerNames
 
 AblationValue = Literal["zero", "mean"]
 
 
-def default_ablation_layers(model: nn.Module) -> list[str]:
-    """The paper's default: conv nets the last three conv layers, MLPs all hidden layers.
-
-    Raises:
-        ValueError: If the model has neither conv layers nor at least two ``Linear`` layers.
-    """
-    convs = (
-        list(select_layers(model, types=CONV_TYPES))
-        if has_module_of_type(model, CONV_TYPES)
-        else []
-    )
-    if convs:
-        return convs[-3:]
-    linears = (
-        list(select_layers(model, types=nn.Linear))
-        if has_module_of_type(model, (nn.Linear,))
-        else []
-    )
-    if len(linears) < 2:
-        raise ValueError(
-            f"Expected {type(model).__name__} to have conv layers or at least two Linear layers "
-            "(hidden + output) to choose default ablation layers, got none. Pass `layers=`."
-        )
-    return linears[:-1]
-
-
 def ablation_points(
-    model: nn.Module, inputs: Tensor, layers: Layers = None, *, follow_activation: bool = True
+    model: nn.Module, inputs: Tensor, layers: LayerNames = None, *, follow_activation: bool = True
 ) -> dict[str, AblationPoint]:
     """Resolve the intervention point of each selected layer.
 
@@ -97,6 +68,8 @@ class AblationCurve:
         normalized_auc: ``auc`` divided by the unablated accuracy.
         orderings: ``[r, U]`` the orders units were ablated in (global unit indices).
         num_units: ``{layer: u}``; global unit indices run over layers in this order.
+        paths: Forward passes that took each shortcut of the engine
+            (:attr:`~lightning_probes.core.interventions.trace.Trace.paths`).
     """
 
     fractions: Tensor
@@ -108,6 +81,7 @@ class AblationCurve:
     normalized_auc: Tensor
     orderings: Tensor
     num_units: dict[str, int]
+    paths: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -132,7 +106,7 @@ def ablation_curve(
     inputs: Tensor,
     targets: Tensor,
     *,
-    layers: Layers,
+    layers: LayerNames,
     num_orderings: int = 10,
     fractions: Tensor | None = None,
     value: AblationValue = "zero",
@@ -140,6 +114,7 @@ def ablation_curve(
     follow_activation: bool = True,
     output_fn: OutputFn | None = None,
     memory_budget: int = 2**25,
+    shortcut_path: ShortcutPath = "auto",
 ) -> AblationCurve:
     r"""Accuracy as units of ``layers`` are ablated cumulatively in random orders.
 
@@ -163,6 +138,10 @@ def ablation_curve(
         follow_activation: Ablate the activation after each named layer.
         output_fn: Maps the model output to logits ``[n, o]``.
         memory_budget: Approximate bytes of activations per forward pass.
+        shortcut_path: How the layer after the first point subtracts ablated units:
+            ``"auto"``, ``"contributions"`` or ``"columns"``
+            (:data:`~lightning_probes.core.interventions.shortcuts.ShortcutPath`); the same
+            numbers up to float rounding.
 
     Returns:
         An :class:`AblationCurve`.
@@ -189,6 +168,10 @@ def ablation_curve(
         raise ValueError(f"Expected `num_orderings` to be a positive int, got {num_orderings!r}.")
     if value not in ("zero", "mean"):
         raise ValueError(f"`value` can be 'zero' or 'mean', got {value!r}.")
+    if shortcut_path not in ("auto", "contributions", "columns"):
+        raise ValueError(
+            f"`shortcut_path` can be 'auto', 'contributions' or 'columns', got {shortcut_path!r}."
+        )
     _warn_if_training(model)
     trace = trace_model(model, inputs, layers, follow_activation, output_fn)
     sizes = [p.num_units for p in trace.points]
@@ -216,6 +199,7 @@ def ablation_curve(
         masks=masks,
         output_fn=output_fn,
         memory_budget=memory_budget,
+        shortcut_path=shortcut_path,
     )
     accuracy = acc[inverse].view(num_orderings, -1)
     mean, std = summarize_curves(accuracy)
@@ -231,6 +215,7 @@ def ablation_curve(
         normalized_auc=auc / mean[0] if mean[0] > 0 else torch.tensor(float("nan")),
         orderings=orderings,
         num_units={p.layer: p.num_units for p in trace.points},
+        paths=dict(trace.paths),
     )
 
 
@@ -239,7 +224,7 @@ def noise_curve(
     inputs: Tensor,
     targets: Tensor,
     *,
-    layers: Layers,
+    layers: LayerNames,
     scales: Tensor | None = None,
     num_repeats: int = 5,
     generator: torch.Generator | None = None,

@@ -16,12 +16,10 @@ from torch import Tensor, nn
 from lightning_probes.core.evaluation import OutputFn
 from lightning_probes.core.hooks import capture
 from lightning_probes.core.interventions.ablation import AblationValue
-from lightning_probes.core.interventions.engine import (
-    Layers,
-    build_masks,
-    evaluate_interventions,
-    trace_model,
-)
+from lightning_probes.core.interventions.engine import evaluate_interventions
+from lightning_probes.core.interventions.masks import build_masks
+from lightning_probes.core.interventions.trace import trace_model
+from lightning_probes.core.layers import LayerNames
 from lightning_probes.functional.selectivity import (
     binned_mutual_information,
     class_conditional_means,
@@ -33,7 +31,7 @@ def unit_activity(
     model: nn.Module,
     inputs: Tensor,
     *,
-    layers: Layers,
+    layers: LayerNames,
     follow_activation: bool = True,
     output_fn: OutputFn | None = None,
     chunk_size: int = 1024,
@@ -69,7 +67,7 @@ def class_selectivity(
     inputs: Tensor,
     targets: Tensor,
     *,
-    layers: Layers,
+    layers: LayerNames,
     num_classes: int,
     follow_activation: bool = True,
     output_fn: OutputFn | None = None,
@@ -116,7 +114,7 @@ def unit_mutual_information(
     inputs: Tensor,
     targets: Tensor,
     *,
-    layers: Layers,
+    layers: LayerNames,
     num_classes: int,
     num_bins: int = 10,
     follow_activation: bool = True,
@@ -144,7 +142,7 @@ def unit_ablation_impact(
     inputs: Tensor,
     targets: Tensor,
     *,
-    layers: Layers,
+    layers: LayerNames,
     value: AblationValue = "zero",
     follow_activation: bool = True,
     output_fn: OutputFn | None = None,

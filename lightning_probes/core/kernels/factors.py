@@ -24,13 +24,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_probes.functional.linalg import self_gram
 
-Method = str  # "gram" | "jacobian"
+KernelPath = Literal["auto", "gram", "jacobian"]
+"""How a layer's kernel blocks are evaluated: ``"gram"`` (position-pair Grams), ``"jacobian"``
+(per-sample gradients) or ``"auto"`` (the cheaper by :meth:`AffineFactors` 's flop count)."""
 
 
 GRAM_SLOWDOWN = 4.0
@@ -54,7 +57,7 @@ class AffineFactors:
     features: Tensor
     grads: Tensor
     bias: bool
-    method: Method = "auto"
+    method: KernelPath = "auto"
     _jac_cache: dict[tuple[int, int], Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -152,7 +155,7 @@ class JacobianFactors:
     rows_fn: Callable[[slice], Tensor]
     num_samples: int
     num_outputs: int
-    method: Method = "jacobian"
+    method: KernelPath = "jacobian"
     _cache: dict[tuple[int, int], Tensor] = field(default_factory=dict, repr=False)
 
     def block(self, rows: slice, cols: slice) -> Tensor:
@@ -194,40 +197,3 @@ def sample_spans(n: int, chunk_size: int | None) -> list[slice]:
     """Contiguous sample ranges of at most ``chunk_size`` (one range when ``None``)."""
     size = n if chunk_size is None else max(1, int(chunk_size))
     return [slice(s, min(n, s + size)) for s in range(0, n, size)]
-
-
-def conv_patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
-    """Input patches of a Conv1d/2d, ``[n, L, G, C_in/G · kernel size]`` (L output positions).
-
-    Non-zero padding modes and string padding (``"same"``) are applied explicitly with the
-    module's own padding amounts, exactly as ``Conv*d.forward`` does.
-    """
-    one_d = isinstance(module, nn.Conv1d)
-    if one_d:
-        x = x.unsqueeze(-2)
-    as2 = (lambda v: (1, v[0])) if one_d else (lambda v: tuple(v))
-    padding: tuple[int, ...]
-    if module.padding_mode != "zeros" or isinstance(module.padding, str):
-        pads = list(module._reversed_padding_repeated_twice)
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = nn.functional.pad(x.squeeze(-2) if one_d else x, pads, mode=mode)
-        x = x.unsqueeze(-2) if one_d else x
-        padding = (0, 0)
-    else:
-        padding = (0, module.padding[0]) if one_d else tuple(module.padding)  # type: ignore[arg-type]
-    patches = nn.functional.unfold(
-        x,
-        kernel_size=as2(module.kernel_size),
-        dilation=as2(module.dilation),
-        padding=padding,
-        stride=as2(module.stride),
-    )  # [n, C_in · kh · kw, L]
-    n, _, positions = patches.shape
-    return patches.view(n, module.groups, -1, positions).permute(0, 3, 1, 2)
-
-
-def conv_output_grads(module: nn.Conv1d | nn.Conv2d, grads: Tensor) -> Tensor:
-    """``[o, n, C_out, *spatial]`` → ``[o, n, L, G, C_out/G]``."""
-    o, n = grads.shape[:2]
-    g = module.groups
-    return grads.reshape(o, n, g, module.out_channels // g, -1).permute(0, 1, 4, 2, 3)

@@ -10,8 +10,10 @@ Sec. 2; Baratin et al. 2021). A "layer" is one module with the parameters it own
 
 How it is computed, without materialising per-sample gradients where avoidable:
 
-- ``nn.Linear`` (inputs of any leading shape; positions are summed over) and ``nn.Conv1d/2d``
-  (any stride, padding, dilation, groups, padding mode): the forward/backward decomposition
+- Layers whose registry entry (:mod:`lightning_probes.core.modules`) gives kernel factors —
+  ``nn.Linear`` (inputs of any leading shape; positions are summed over), ``nn.Conv1d/2d``
+  (any stride, padding, dilation, groups, padding mode), or a user's registered type: the
+  forward/backward decomposition
   :math:`K = (A A^T + 1) \circ (\Delta \Delta^T)` of eq. (9), summed over position pairs, or
   per-sample gradients, whichever a flop count says is cheaper
   (:mod:`lightning_probes.core.kernels.factors`).
@@ -24,7 +26,7 @@ and one batched backward (:mod:`lightning_probes.core.kernels.capture`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -33,20 +35,15 @@ from torch import Tensor, nn
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import OutputFn, chunks
 from lightning_probes.core.kernels.capture import LayerRecord, record_layers
-from lightning_probes.core.kernels.factors import (
-    AffineFactors,
-    LayerFactors,
-    conv_output_grads,
-    conv_patches,
-    full_kernel,
-)
+from lightning_probes.core.kernels.factors import AffineFactors, LayerFactors, full_kernel
 from lightning_probes.core.kernels.func import func_factors
-from lightning_probes.core.layers import owns_parameters, select_layers
+from lightning_probes.core.layers import LayerSelection, owns_parameters, select_layers
+from lightning_probes.core.modules import ops_for
 from lightning_probes.functional.linalg import self_gram
 
 KernelMethod = Literal["auto", "gram", "jacobian", "func"]
 _METHODS = ("auto", "gram", "jacobian", "func")
-Layers = str | Sequence[str] | Mapping[str, nn.Module] | None
+Layers = LayerSelection  # the kernels' name for a layer selection (re-exported)
 
 
 def resolve_layers(model: nn.Module, layers: Layers) -> dict[str, nn.Module]:
@@ -174,7 +171,7 @@ def forward_backward_kernels(
         ValueError: For non-Linear layers or inputs with extra (sequence) dimensions.
     """
     selected = resolve_layers(model, layers)
-    bad = [k for k, m in selected.items() if not isinstance(m, nn.Linear)]
+    bad = [k for k, m in selected.items() if not _flat_kernel(m)]
     if bad:
         raise ValueError(f"Expected nn.Linear layers for eq. (9), got {', '.join(bad)}.")
     records, _ = record_layers(model, inputs, selected, output_fn)
@@ -202,27 +199,21 @@ def _linear_input(record: LayerRecord) -> Tensor:
     return x
 
 
+def _flat_kernel(module: nn.Module) -> bool:
+    ops = ops_for(module)
+    return ops is not None and ops.flat_kernel(module)
+
+
 def _factors(
     module: nn.Module, record: LayerRecord, method: KernelMethod, chunk_size: int | None
 ) -> LayerFactors:
     grads = record.grads
-    o, n = grads.shape[:2]
-    if method != "func" and isinstance(module, nn.Linear):
-        a = _linear_input(record).to(grads.dtype)
-        feats = a.reshape(n, -1, 1, a.shape[-1])
-        return AffineFactors(
-            feats, grads.reshape(o, n, -1, 1, grads.shape[-1]), module.bias is not None, method
-        )
-    if method != "func" and isinstance(module, (nn.Conv1d, nn.Conv2d)):
+    ops = ops_for(module)
+    if method != "func" and ops is not None:
         x = (record.args[0] if record.args else record.kwargs["input"]).to(grads.dtype)
-        if x.ndim == module.weight.ndim - 1:  # unbatched input is not a probe set
-            raise ValueError(f"Expected batched inputs to {type(module).__name__}, got {x.shape}.")
-        return AffineFactors(
-            conv_patches(module, x),
-            conv_output_grads(module, grads),
-            module.bias is not None,
-            method,
-        )
+        factors = ops.kernel_factors(module, x, grads)
+        if factors is not None:
+            return AffineFactors(*factors, module.bias is not None, method)
     return func_factors(module, record, chunk_size)
 
 

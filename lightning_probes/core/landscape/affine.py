@@ -30,9 +30,9 @@ from torch.nn import functional as F
 
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import LossFn, OutputFn, chunks, default_loss
-from lightning_probes.core.landscape.chain import CONV, Link, trace_chain
+from lightning_probes.core.landscape.chain import Link, trace_chain
+from lightning_probes.core.modules import ops_for
 
-_NARROW = 32  # Linear layers with fewer outputs are computed output-major (see below)
 _CPU_GROUP_BYTES = 8 * 2**20  # activations of a group of points kept cache-sized on the CPU
 
 
@@ -211,37 +211,9 @@ def _products(
 
 def _per_point_forward(link: Link, w: dict[str, Tensor], z: Tensor) -> Tensor:
     """Layer with per-point weights ``w`` (``[P, *shape]``) on ``z [P, n, ...]``."""
-    m = link.module
-    if isinstance(m, nn.Linear):
-        x, weight = z.reshape(z.shape[0], -1, z.shape[-1]), w["weight"]
-        if m.out_features < _NARROW:  # [P, o, N] then a transposed view: a narrow head's
-            # GEMM and the softmax over its outputs run faster along the long sample axis
-            xt = x.transpose(1, 2)
-            out = torch.baddbmm(w["bias"][..., None], weight, xt) if "bias" in w else weight @ xt
-            out = out.transpose(1, 2)
-        else:
-            wt = weight.transpose(1, 2)
-            out = torch.baddbmm(w["bias"][:, None], x, wt) if "bias" in w else x @ wt
-        return out.reshape(*z.shape[:-1], -1)
-    if isinstance(m, CONV):
-        bias = w.get("bias")
-        outs = [
-            m._conv_forward(z[p], w["weight"][p], None if bias is None else bias[p])
-            for p in range(z.shape[0])
-        ]
-        return outs[0][None] if len(outs) == 1 else torch.stack(outs)
-    if isinstance(m, nn.LayerNorm):
-        y = F.layer_norm(z, m.normalized_shape, None, None, m.eps)
-        ones = (z.ndim - 1 - len(m.normalized_shape), 0)  # [P, 1.., *normalized_shape]
-    else:  # BatchNorm in eval mode: running statistics, per-point affine [P, 1, C, 1..]
-        assert isinstance(m, nn.modules.batchnorm._BatchNorm)
-        y = F.batch_norm(z.flatten(0, 1), m.running_mean, m.running_var, eps=m.eps).view_as(z)
-        ones = (1, z.ndim - 3)
-    for k, op in (("weight", torch.mul), ("bias", torch.add)):
-        if k in w:
-            p = w[k]
-            y = op(y, p.view(p.shape[0], *(1,) * ones[0], *p.shape[1:], *(1,) * ones[1]))
-    return y
+    ops = ops_for(link.module, exact=True)
+    assert ops is not None and ops.jointly_affine  # checked by trace_chain
+    return ops.per_point_forward(link.module, w, z)
 
 
 def _reducer(targets: Tensor, loss_fn: LossFn | None) -> Callable[[Tensor], Tensor]:

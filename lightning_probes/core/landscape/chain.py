@@ -2,7 +2,9 @@ r"""A network as a chain of known layers, found by tracing one sample through it
 
 Used by :mod:`lightning_probes.core.landscape.affine` to evaluate many weight points at once
 layer by layer: that is only exact when the network's forward is nothing but the composition
-of the layers it calls, each of a type whose computation is known.
+of the layers it calls, each of a type whose computation is known: registered in
+:mod:`lightning_probes.core.modules` as ``foldable`` (parameter-free, per sample) or
+``jointly_affine``.
 """
 
 from __future__ import annotations
@@ -14,21 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_probes.core.data import slice_rows
-
-CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm)
-_WITH_PARAMS = (nn.Linear, *CONV, *_NORM)
-_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-# Parameter-free layers that treat every sample independently: run on points x samples folded.
-_ELEMENTWISE = (
-    *(nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish),
-    *(nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid),
-    *(nn.Softsign, nn.Tanhshrink, nn.Identity, nn.Flatten),
-    *(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d),
-    *(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d),
-    *(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d),
-    *_DROPOUT,
-)
+from lightning_probes.core.modules import ops_for
 
 
 @dataclass
@@ -101,16 +89,18 @@ def trace_chain(model: nn.Module, inputs: Any) -> list[Link] | None:
 
 
 def _supported(m: nn.Module) -> bool:
-    if isinstance(m, nn.Flatten) and m.start_dim < 1:
-        return False  # flattening the sample axis would mix the points
-    if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
-        return False  # batch statistics: the output of a sample depends on the others
-    if isinstance(m, nn.modules.dropout._DropoutNd) and m.training:
-        return False
-    kind = type(m)  # exact types: a subclass may override forward
-    if kind in _ELEMENTWISE:
+    """Whether the chain can evaluate ``m`` at many weight points at once.
+
+    Its exact type must be registered (a subclass may override forward), treat each sample
+    alone in its current mode, and either fold points into the batch (parameter-free) or be
+    affine in its parameters jointly.
+    """
+    ops = ops_for(m, exact=True)
+    if ops is None or not ops.per_sample(m):
+        return False  # e.g. batch statistics, dropout in train mode, flattening the samples
+    if ops.foldable:
         return not m._parameters and not m._buffers
-    return kind in _WITH_PARAMS
+    return ops.jointly_affine
 
 
 def _has_global_hooks() -> bool:

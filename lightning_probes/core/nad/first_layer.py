@@ -29,8 +29,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_probes.core.modules import ops_for
 
 
 class FirstLayer:
@@ -44,36 +45,12 @@ class FirstLayer:
 
     def __init__(self, name: str, module: nn.Module, input_shape: tuple[int, ...]) -> None:
         self.name, self.module = name, module
+        ops = ops_for(module, exact=True)
+        assert ops is not None and ops.accepts_input(module, input_shape)  # see `supported`
+        self.ops = ops
         d = math.prod(input_shape)
-        if isinstance(module, nn.Linear):
-            # column i of A is weight[:, i]: one "position" (l = 0), kernel index k = i
-            self.out_shape: tuple[int, ...] = (module.out_features,)
-            pix = torch.arange(d)
-            kk, ll = pix.clone(), torch.zeros(d, dtype=torch.long)
-            self.positions = 1
-        else:
-            assert isinstance(module, nn.Conv2d)
-            # unfold an image of (pixel index + 1): entry (k, l) names the pixel at kernel
-            # offset k of output position l (0: zero padding); exact in float64
-            img = torch.arange(1, d + 1, dtype=torch.float64).reshape(1, *input_shape)
-            cols = F.unfold(
-                img,
-                module.kernel_size,
-                dilation=module.dilation,
-                padding=module.padding,  # type: ignore[arg-type]
-                stride=module.stride,
-            )[0]
-            kk, ll = (cols > 0).nonzero(as_tuple=True)
-            pix = cols[kk, ll].long() - 1
-            probe = F.conv2d(
-                torch.zeros(1, *input_shape),
-                torch.zeros(module.out_channels, *module.weight.shape[1:]),
-                stride=module.stride,
-                padding=module.padding,  # type: ignore[arg-type]
-                dilation=module.dilation,
-            )
-            self.out_shape = tuple(probe.shape[1:])
-            self.positions = cols.shape[1]
+        # column i of A: the kernel entries kk meeting pixel pix at output positions ll
+        pix, kk, ll, self.positions, self.out_shape = ops.input_columns(module, input_shape)
         order = torch.argsort(pix, stable=True)
         self.pix, self.kk, self.ll = pix[order], kk[order], ll[order]
         counts = torch.bincount(self.pix, minlength=d)
@@ -102,12 +79,7 @@ class FirstLayer:
         """
         weight = params[self.name + ".weight"]
         bias = params.get(self.name + ".bias")
-        m = self.module
-        if isinstance(m, nn.Linear):
-            base = F.linear(x0.reshape(1, -1), weight, bias)[0]
-        else:
-            assert isinstance(m, nn.Conv2d)
-            base = F.conv2d(x0[None], weight, bias, m.stride, m.padding, m.dilation)[0]  # type: ignore[arg-type]
+        base = self.ops.apply(self.module, x0[None], weight, bias)[0]
         cout = weight.shape[0]
         b = i1 - i0
         a, z = self.starts[i0], self.starts[i1]
@@ -197,18 +169,12 @@ def find_first_layer(
 
 
 def supported(module: nn.Module, shape: tuple[int, ...]) -> bool:
-    """Whether ``module`` is exactly a ``Linear``/``Conv2d`` the shortcut handles on ``shape``."""
-    if type(module) is nn.Linear:
-        return len(shape) == 1 and shape[0] == module.in_features
-    if type(module) is nn.Conv2d:
-        return (
-            len(shape) == 3
-            and shape[0] == module.in_channels
-            and module.groups == 1
-            and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str)
-        )
-    return False
+    """Whether the shortcut handles ``module`` (its exact type's entry) on ``shape``.
+
+    Built in: a ``Linear`` on flat inputs, a ``Conv2d`` with one group and numeric zero padding.
+    """
+    ops = ops_for(module, exact=True)
+    return ops is not None and ops.accepts_input(module, shape)
 
 
 def secant_inputs(x0: Tensor, indices: list[int], step: float) -> tuple[Tensor, Tensor]:

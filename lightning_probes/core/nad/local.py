@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_probes.core.modules import ops_for
 from lightning_probes.core.nad.first_layer import (
     FirstLayer,
     outputs_match,
@@ -43,12 +44,6 @@ _ELEMENTWISE: dict[Any, Callable[[Tensor], Tensor]] = {
     torch.sigmoid: torch.sigmoid,
     F.sigmoid: torch.sigmoid,
     F.tanh: torch.tanh,
-}
-_ELEMENTWISE_MODULES: dict[type, Callable[[Tensor], Tensor]] = {
-    nn.ReLU: torch.relu,
-    nn.Tanh: torch.tanh,
-    nn.Sigmoid: torch.sigmoid,
-    nn.Identity: lambda t: t,
 }
 _ELEMENTWISE_METHODS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": torch.relu,
@@ -164,11 +159,9 @@ class LocalPrefix:
         Returns:
             ``(2 (i1 - i0), *out_shape)``.
         """
-        m = self.layer.module
-        assert isinstance(m, nn.Conv2d)
         weight = params[self.layer.name + ".weight"]
         bias = params.get(self.layer.name + ".bias")
-        base = F.conv2d(x0[None], weight, bias, m.stride, m.padding, m.dilation)  # type: ignore[arg-type]
+        base = self.layer.ops.apply(self.layer.module, x0[None], weight, bias)
         c = weight.shape[0]
         b = i1 - i0
         flat_w = torch.cat([weight.reshape(c, -1), weight.new_zeros(c, 1)], dim=1)
@@ -224,7 +217,7 @@ def find_local_prefix(model: nn.Module, x0: Tensor, step: float) -> LocalPrefix 
     if conv.op != "call_module" or conv.args != (inputs[0],) or conv.kwargs:
         return None
     module = gm.get_submodule(str(conv.target))
-    if not supported(module, shape) or type(module) is not nn.Conv2d:
+    if not supported(module, shape) or not _is_conv2d(module):
         return None
     if sum(1 for n in graph.nodes if n.op == "call_module" and n.target == conv.target) != 1:
         return None
@@ -297,7 +290,7 @@ def _second_conv(gm: nn.Module, graph: Any, node: Any) -> Any:
     if user.op != "call_module" or user.args != (node,) or user.kwargs:
         return None
     m = gm.get_submodule(str(user.target))
-    if type(m) is not nn.Conv2d or m.groups != 1 or m.padding_mode != "zeros":
+    if not _is_conv2d(m) or m.groups != 1 or m.padding_mode != "zeros":
         return None
     if isinstance(m.padding, str) or m.stride != (1, 1) or m.dilation != (1, 1):
         return None
@@ -332,8 +325,15 @@ def _elementwise(gm: nn.Module, node: Any) -> Callable[[Tensor], Tensor] | None:
     if node.op == "call_method":
         return _ELEMENTWISE_METHODS.get(str(node.target))
     if node.op == "call_module":
-        return _ELEMENTWISE_MODULES.get(type(gm.get_submodule(str(node.target))))
+        ops = ops_for(gm.get_submodule(str(node.target)), exact=True)
+        return None if ops is None else ops.pointwise
     return None
+
+
+def _is_conv2d(module: nn.Module) -> bool:
+    """A layer whose exact type is registered as a 2-d convolution (``nn.Conv2d``)."""
+    ops = ops_for(module, exact=True)
+    return ops is not None and ops.spatial_dims == 2
 
 
 def _max_pool(gm: nn.Module, node: Any) -> tuple[tuple[int, int], tuple[int, int]] | None:

@@ -304,17 +304,11 @@ def test_functional_counts_masks_area():
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
-@pytest.mark.parametrize("path", ["_unit_contributions", "_partial_map"])
-def test_cnn_shortcut_paths_equal_naive_loop(padding_mode, path, monkeypatch):
+@pytest.mark.parametrize("path", ["contributions", "columns"])
+def test_cnn_shortcut_paths_equal_naive_loop(padding_mode, path):
     """Both ways of ablating through the conv after the first point (all units' contributions
     at once, or per newly ablated channel when those do not fit) match the naive loop."""
-    import lightning_probes.core.interventions.contributions as engine
-
     calls = []
-    original = getattr(engine, path)
-    monkeypatch.setattr(engine, path, lambda *a: calls.append(1) or original(*a))
-    if path == "_partial_map":  # as if all units' contributions did not fit in memory
-        monkeypatch.setattr(engine, "_unit_contributions", lambda *a: None)
     net = cnn(dtype=torch.float64)
     net.features[5].padding_mode = padding_mode
     x, y = data(20, (2, 8, 8), classes=5)
@@ -322,7 +316,9 @@ def test_cnn_shortcut_paths_equal_naive_loop(padding_mode, path, monkeypatch):
         curve = ablation_curve(
             net, x, y, layers=None, num_orderings=3, value=value,
             fractions=torch.linspace(0, 1, 9), generator=torch.Generator().manual_seed(2),
+            shortcut_path=path,
         )  # fmt: skip
+        calls += [1] * curve.paths.get(path, 0)  # the forward passes that took `path`
         modules = [net.features[4], net.features[7], net.features[9]]
         values = None
         if value == "mean":
@@ -352,15 +348,13 @@ def _hand_masks(sizes, seed):
 
 
 @pytest.mark.parametrize("value", ["zero", "mean"])
-def test_sparse_layers_after_later_points_match_hand_forward(value, monkeypatch):
+def test_sparse_layers_after_later_points_match_hand_forward(value):
     """A layer that reads the previous point (here Linear 4 after ReLU 3 and Conv 8 after
     ReLU 7) computes only kept outputs from kept inputs; accuracy and loss match a forward pass
     written out by hand for each mask, in float64."""
-    import lightning_probes.core.interventions.engine as engine
+    from lightning_probes.core import interventions as engine
 
     calls = []
-    original = engine._sparse_layer
-    monkeypatch.setattr(engine, "_sparse_layer", lambda *a: calls.append(1) or original(*a))
     torch.manual_seed(0)
     mlp3 = nn.Sequential(
         nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU(),
@@ -380,6 +374,7 @@ def test_sparse_layers_after_later_points_match_hand_forward(value, monkeypatch)
         acc, loss = engine.evaluate_interventions(
             net, inputs, targets, trace, keep.shape[0], masks, masks=masks, with_loss=True
         )
+        calls += [1] * trace.paths.get("sparse", 0)  # the passes that ran the sparse layer
         for r, row in enumerate(keep):
             handles = []
             for p, k, v in zip(trace.points, row.split(sizes), values):
