@@ -33,7 +33,7 @@ class RunBudget:
 
     Example:
         >>> budget = RunBudget(0.5)
-        >>> budget.start()
+        >>> started = budget.start()
         >>> budget.fits(predicted=0.0)
         True
     """

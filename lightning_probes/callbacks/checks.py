@@ -46,6 +46,21 @@ def check_int_at_least(name: str, value: Any, low: int) -> None:
         raise ValueError(f"Expected `{name}` to be an int >= {low}, got {value!r}.")
 
 
+def check_optional_int(name: str, value: Any, low: int, low_text: str | None = None) -> None:
+    """Raise ``ValueError`` unless ``value`` is ``None`` or an int ``>= low``.
+
+    Args:
+        name: The argument's name.
+        value: Its value.
+        low: The smallest allowed int.
+        low_text: How the message names ``low`` (e.g. another argument), default ``low``.
+    """
+    if value is not None and (not isinstance(value, int) or value < low):
+        raise ValueError(
+            f"Expected `{name}` to be None or an int >= {low_text or low}, got {value!r}."
+        )
+
+
 def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``allowed`` ("`name` can be 'a' or 'b'").
 
