@@ -76,6 +76,11 @@ class SharedWork:
     _latest: weakref.ref[WeightSnapshot] | None = None
     _offered: weakref.ref[WeightSnapshot] | None = None
 
+    @property
+    def num_cached(self) -> int:
+        """Probe sets (drawn or moved to a device) cached now; 0 after :meth:`release`."""
+        return len(self._sets)
+
     def drawn_probe_set(self, key: Hashable, draw: Callable[[], ProbeSet]) -> ProbeSet:
         """The probe set drawn for ``key`` (hashable probe-data settings), drawn once."""
         key = ("draw", key)
