@@ -8,6 +8,7 @@ centred kernel itself as an image, samples sorted by class so that alignment sho
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -19,7 +20,9 @@ from lightning_probes import logging as plog
 from lightning_probes.functional.alignment import center_kernel
 
 
-def kernel_image(kernel: Tensor, targets: Tensor, centering: str, size: int = 256) -> Tensor:
+def kernel_image(
+    kernel: Tensor, targets: Tensor, centering: Literal["samples", "full"], size: int = 256
+) -> Tensor:
     """The centred kernel as an image, at most ``size x size`` pixels (average-pooled).
 
     Args:
