@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -59,7 +59,6 @@ class WeightSnapshot:
         )
 
 
-@dataclass(eq=False)
 class SharedWork:
     """What the probes on one Trainer share (see the module docstring).
 
@@ -69,12 +68,13 @@ class SharedWork:
         weight_copies: Pre-step weight copies made so far (offered copies not counted).
     """
 
-    draws: int = 0
-    device_copies: int = 0
-    weight_copies: int = 0
-    _sets: dict[Hashable, Any] = field(default_factory=dict)
-    _latest: weakref.ref[WeightSnapshot] | None = None
-    _offered: weakref.ref[WeightSnapshot] | None = None
+    def __init__(self) -> None:
+        self.draws = 0
+        self.device_copies = 0
+        self.weight_copies = 0
+        self._sets: dict[Hashable, Any] = {}  # settings -> probe set; (leaves, device) -> copy
+        self._latest: weakref.ref[WeightSnapshot] | None = None
+        self._offered: weakref.ref[WeightSnapshot] | None = None
 
     @property
     def num_cached(self) -> int:
