@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Literal
 
-import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
@@ -25,6 +24,7 @@ from lightning_probes.callbacks.checks import (
     all_finite,
     check_callable,
     check_choice,
+    check_finite_metrics,
     check_loggers,
     check_max_overhead,
     check_positive_int,
@@ -122,6 +122,7 @@ class ProbeCallback(Callback):
         self._probe_set: ProbeSet | None = (
             probe_set_from_tensors(probe_data) if probe_data is not None else None
         )
+        self._given = self._probe_set  # built from `probe_data`, not yet shared
         self._runs = 0
         self._last_step = -1
         self._seen_step = 0
@@ -192,6 +193,9 @@ class ProbeCallback(Callback):
         work = shared_work(trainer)  # probes with the same settings share one probe set
         if self._probe_set is None:
             self._probe_set = self._draw_probe_set(trainer)
+        elif self._probe_set is self._given:  # the same user data: one collated copy for all
+            self._probe_set = work.given_probe_set(self.probe_data, self._probe_set)
+        self._given = None  # no CPU copy kept beyond this point
         self._probe_set = work.on_device(self._probe_set, pl_module.device)
         check_probe_targets(
             type(self).__name__,
@@ -278,9 +282,7 @@ class ProbeCallback(Callback):
             NonFiniteValueError: If a value is NaN or infinite; :meth:`_run` then skips the
                 rest of this run with one warning, and training continues.
         """
-        bad = [k for k, v in metrics.items() if not torch.isfinite(torch.as_tensor(v)).all()]
-        if bad:
-            raise NonFiniteValueError(f"non-finite values for {', '.join(bad)}")
+        check_finite_metrics(metrics)
         plog.log_scalars(trainer, pl_module, metrics, on_step=self._on_step)
 
     def key(self, quantity: str, layer: str | None = None) -> str:
@@ -363,12 +365,10 @@ class ProbeCallback(Callback):
         return bool(trainer.sanity_checking or not trainer.training or self._probe_set is None)
 
     def _draw_probe_set(self, trainer: Trainer) -> ProbeSet:
+        split = self.batch_to_inputs_targets
+        name, size = type(self).__name__, self.probe_size
         data = draw_shared_probe_set(
-            trainer,
-            type(self).__name__,
-            self.probe_size,
-            seed=self.seed,
-            batch_to_inputs_targets=self.batch_to_inputs_targets,
+            trainer, name, size, seed=self.seed, batch_to_inputs_targets=split
         )
         if len(data) < self.probe_size:
             self._warn_once(

@@ -8,7 +8,7 @@ of a probe's run (:func:`all_finite`, :class:`NonFiniteValueError`).
 from __future__ import annotations
 
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -153,6 +153,13 @@ def check_probe_targets(
             "measures accuracy or class-conditional statistics and does not apply to "
             "regression; pass integer labels via `probe_data=` or `batch_to_inputs_targets=`."
         )
+
+
+def check_finite_metrics(metrics: Mapping[str, float | Tensor]) -> None:
+    """Raise :class:`NonFiniteValueError` naming every metric that is NaN or infinite."""
+    bad = [k for k, v in metrics.items() if not torch.isfinite(torch.as_tensor(v)).all()]
+    if bad:
+        raise NonFiniteValueError(f"non-finite values for {', '.join(bad)}")
 
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:

@@ -94,7 +94,8 @@ class LandscapeCallback(ProbeCallback):
       of the two weight sets, what SWA would give), ``j = 1`` the most recent, plus a figure.
 
     Memory: one copy of the weights for :math:`\theta_0` (also written to checkpoints), one
-    transient copy at each probed step for the update cosine, and ``keep_checkpoints`` copies
+    transient copy at each probed step for the update cosine (the Trainer's shared pre-step
+    snapshot: none of its own when LCA instruments that step), and ``keep_checkpoints`` copies
     (also written to checkpoints).
 
     Args:

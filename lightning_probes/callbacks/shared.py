@@ -89,6 +89,17 @@ class SharedWork:
             self.draws += 1
         return _own(self._sets[key])
 
+    def given_probe_set(self, probe_data: Any, data: ProbeSet) -> ProbeSet:
+        """The probe set of the first probe given this ``probe_data`` object (else ``data``).
+
+        Probes given the same object (e.g. one ``Dataset``, collated by each) share the first
+        one's tensors, equal to their own.
+        """
+        key = ("given", id(probe_data))
+        if key not in self._sets:  # the entry keeps `probe_data` alive: its id stays unique
+            self._sets[key] = (probe_data, data)
+        return _own(self._sets[key][1])
+
     def on_device(self, data: ProbeSet, device: torch.device) -> ProbeSet:
         """``data.to(device)``, moved once for every probe holding the same tensors."""
         leaves = _leaves(data.inputs) + ([] if data.targets is None else [data.targets])

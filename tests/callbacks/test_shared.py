@@ -172,3 +172,14 @@ def test_snapshots_are_held_weakly_and_read_only_mappings():
     del snap  # no probe holds it any more: the next ask at the same step copies again
     work.before_step(model, 1)
     assert work.weight_copies == 2
+
+
+def test_probes_given_the_same_dataset_share_its_collated_copy(tmp_path):
+    from conftest import make_data
+
+    dataset = make_data(n=12)
+    a, b = Recorder(20, probe_data=dataset), Recorder(21, probe_data=dataset)
+    assert a.probe_set.inputs is not b.probe_set.inputs  # each collated it in __init__
+    trainer, _ = _fit(tmp_path, [a, b], steps=2)
+    assert a.probe_set.inputs is b.probe_set.inputs and shared_work(trainer).device_copies == 1
+    assert torch.equal(a.probe_set.inputs, dataset.tensors[0])
