@@ -19,6 +19,8 @@ from typing_extensions import override
 
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.base import ProbeCallback
+from lightning_probes.callbacks.checks import check_choice, check_int_at_least, check_positive_int
+from lightning_probes.callbacks.plots.ablation import log_ablation_figures
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import OutputFn
@@ -107,13 +109,10 @@ class AblationAUCCallback(ProbeCallback):
     ) -> None:
         super().__init__(probe_size=probe_size, **kwargs)
         check_layer_spec(layers)
-        for name, v, low in (("num_orderings", num_orderings, 1), ("num_points", num_points, 2)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise ValueError(f"Expected `{name}` to be an int >= {low}, got {v!r}.")
-        if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
-            raise ValueError(f"Expected `patience` to be a positive int, got {patience!r}.")
-        if value not in ("zero", "mean"):
-            raise ValueError(f"`value` can be 'zero' or 'mean', got {value!r}.")
+        check_int_at_least("num_orderings", num_orderings, 1)
+        check_int_at_least("num_points", num_points, 2)
+        check_positive_int("patience", patience)
+        check_choice("value", value, ("zero", "mean"))
         if monitor not in _MONITORS:
             raise ValueError(f"`monitor` can be {', '.join(_MONITORS)}, got {monitor!r}.")
         if not isinstance(min_delta, (int, float)) or min_delta < 0:
@@ -134,7 +133,6 @@ class AblationAUCCallback(ProbeCallback):
         self._best = float("-inf")
         self._wait = 0
         self._best_step = -1
-        self._stopped_step = -1
         self.last_curve: AblationCurve | None = None
 
     # ------------------------------------------------------------------ configuration
@@ -210,7 +208,7 @@ class AblationAUCCallback(ProbeCallback):
             metrics[self.key("noise_auc")] = float(curve_area(logs, noise.mean)) / span
         self.log_scalars(trainer, pl_module, metrics)
         if plog.tensorboard_writers(trainer) and self.figures_enabled():
-            self._draw(trainer, curve, noise)
+            log_ablation_figures(trainer, curve, noise)
         if self.early_stopping:
             current = metrics[self.key(self.monitor)]
             self._early_stop(trainer, current)
@@ -257,30 +255,12 @@ class AblationAUCCallback(ProbeCallback):
         should_stop = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
         if should_stop and not trainer.should_stop:
             trainer.should_stop = True
-            self._stopped_step = step
             rank_zero_info(
                 f"{type(self).__name__}: stopping training at epoch {trainer.current_epoch}, "
                 f"step {step}: {self.key(self.monitor)} = {current:.4f} has not improved by "
                 f"more than min_delta={self.min_delta} for {self._wait} runs (patience="
                 f"{self.patience}); best {self._best:.4f} at step {self._best_step}."
             )
-
-    def _draw(self, trainer: Trainer, curve: AblationCurve, noise: NoiseCurve | None) -> None:
-        x, mean, std = (plog.as_numpy(t) for t in (curve.fractions, curve.mean, curve.std))
-        fig = plog.new_figure(5, 3.5)
-        ax = fig.add_subplot(1, 1, 1)
-        ax.plot(x, mean, color="C0")
-        ax.fill_between(x, mean - std, mean + std, color="C0", alpha=0.25)
-        ax.set(xlabel="fraction of units ablated", ylabel="accuracy (probe set)", ylim=(0, 1.02))
-        ax.set_title(f"step {trainer.global_step}: AUC {float(curve.auc):.3f}")
-        plog.log_figure(trainer, "probes/ablation/curve", fig)
-        if noise is not None:
-            fig = plog.new_figure(5, 3.5)
-            ax = fig.add_subplot(1, 1, 1)
-            s, m, sd = (plog.as_numpy(t) for t in (noise.scales, noise.mean, noise.std))
-            ax.errorbar(s, m, yerr=sd, marker="o")
-            ax.set(xscale="log", xlabel="noise std / unit std", ylabel="accuracy", ylim=(0, 1.02))
-            plog.log_figure(trainer, "probes/ablation/noise_curve", fig)
 
     # ------------------------------------------------------------------ state
     @override
@@ -289,7 +269,6 @@ class AblationAUCCallback(ProbeCallback):
             "best": self._best,
             "wait": self._wait,
             "best_step": self._best_step,
-            "stopped_step": self._stopped_step,
         }
 
     @override
@@ -297,4 +276,3 @@ class AblationAUCCallback(ProbeCallback):
         self._best = float(state.get("best", float("-inf")))
         self._wait = int(state.get("wait", 0))
         self._best_step = int(state.get("best_step", -1))
-        self._stopped_step = int(state.get("stopped_step", -1))

@@ -9,32 +9,41 @@ results go (:mod:`lightning_probes.logging`). A subclass implements :meth:`Probe
 from __future__ import annotations
 
 import time
-import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Literal
 
-import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_probes import logging as plog
-from lightning_probes.callbacks.schedule import ProbeSchedule
-from lightning_probes.core.cost import CostUnits, calibrate
-from lightning_probes.core.data import (
-    BatchToInputsTargets,
-    ProbeSet,
-    draw_probe_set,
-    probe_set_from_tensors,
+from lightning_probes.callbacks.budget import RunBudget, predict_first_run
+from lightning_probes.callbacks.checks import (
+    NonFiniteValueError,
+    all_finite,
+    check_callable,
+    check_choice,
+    check_finite_metrics,
+    check_loggers,
+    check_max_overhead,
+    check_positive_int,
+    check_probe_targets,
+    failure_warning,
 )
+from lightning_probes.callbacks.schedule import ProbeSchedule
+from lightning_probes.callbacks.shared import (
+    draw_shared_probe_set,
+    release_shared_work,
+    shared_work,
+)
+from lightning_probes.core.cost import CostUnits
+from lightning_probes.core.data import BatchToInputsTargets, ProbeSet, probe_set_from_tensors
 from lightning_probes.core.isolation import isolated
 
 OnError = Literal["warn", "raise"]
 
-
-class NonFiniteValueError(ArithmeticError):
-    """A probe met NaN/inf (in the weights or in a value it computed); the run is skipped."""
+__all__ = ["NonFiniteValueError", "OnError", "ProbeCallback"]
 
 
 class ProbeCallback(Callback):
@@ -62,16 +71,10 @@ class ProbeCallback(Callback):
         max_overhead: Wall-time budget of this probe as a fraction of the rest of the run
             (default :attr:`default_max_overhead`, 3%: six probes use at most 18% on their own
             clocks, which leaves room for what those clocks do not see, such as logger I/O
-            threads and cache effects, under the 25% target of the whole suite). A scheduled
-            run starts only if the probe's time so far (including its fit-start work) plus the
-            predicted cost of this run stays within ``max_overhead`` times the time spent on
-            everything else since training started; skipped runs are counted and announced
-            once. A run is predicted by the measured cost of the previous one; the first by
-            :meth:`predict_cost` (measured units: forward passes over the probe set, flops,
-            figures), or not at all for probes that do not state their cost, whose first run
-            may then exceed the budget on a very short run. ``None`` runs at every scheduled
-            step.
-            Under DDP the decision is rank zero's, broadcast, so ranks never diverge.
+            threads and cache effects, under the 25% target of the whole suite); see
+            :mod:`~lightning_probes.callbacks.budget`. Skipped runs are counted and announced
+            once. ``None`` runs at every scheduled step. Under DDP the decision is rank zero's,
+            broadcast, so ranks never diverge.
 
     Exactly one of ``every_n_steps``, ``every_n_epochs``, ``at_steps`` may be given; none
     means the subclass's :attr:`default_schedule`. Probes run during ``fit`` only, never in the
@@ -102,26 +105,15 @@ class ProbeCallback(Callback):
         self.schedule = ProbeSchedule.create(
             every_n_steps, every_n_epochs, at_steps, start_step, self.default_schedule
         )
-        if not isinstance(probe_size, int) or isinstance(probe_size, bool) or probe_size < 1:
-            raise ValueError(f"Expected `probe_size` to be a positive int, got {probe_size!r}.")
-        if on_error not in ("warn", "raise"):
-            raise ValueError(f"`on_error` can be 'warn' or 'raise', got {on_error!r}.")
-        if batch_to_inputs_targets is not None and not callable(batch_to_inputs_targets):
-            raise TypeError(
-                "Expected `batch_to_inputs_targets` to be a callable batch -> (inputs, targets), "
-                f"got {type(batch_to_inputs_targets).__name__}."
-            )
+        check_positive_int("probe_size", probe_size)
+        check_choice("on_error", on_error, ("warn", "raise"))
+        check_callable(
+            "batch_to_inputs_targets", batch_to_inputs_targets, "batch -> (inputs, targets)"
+        )
         if max_overhead == "default":
             max_overhead = self.default_max_overhead
-        if max_overhead is not None and (
-            isinstance(max_overhead, bool)
-            or not isinstance(max_overhead, (int, float))
-            or not max_overhead > 0
-        ):
-            raise ValueError(
-                f"Expected `max_overhead` to be a fraction > 0 or None, got {max_overhead!r}."
-            )
-        self.max_overhead = max_overhead
+        check_max_overhead(max_overhead)
+        self._budget = RunBudget(max_overhead)  # type: ignore[arg-type]
         self.probe_data = probe_data
         self.probe_size = probe_size
         self.seed = seed
@@ -130,17 +122,11 @@ class ProbeCallback(Callback):
         self._probe_set: ProbeSet | None = (
             probe_set_from_tensors(probe_data) if probe_data is not None else None
         )
+        self._given = self._probe_set  # built from `probe_data`, not yet shared
         self._runs = 0
         self._last_step = -1
         self._seen_step = 0
-        self._failures = 0
         self._warned: set[str] = set()
-        self._train_start = 0.0
-        self._probe_seconds = 0.0
-        self._last_run_seconds = 0.0
-        self._measured = False  # a run has been timed: the next is predicted by its cost
-        self._first_run_prediction: float | None = None
-        self._over_budget_skips = 0
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -165,6 +151,16 @@ class ProbeCallback(Callback):
         }
 
     @property
+    def max_overhead(self) -> float | None:
+        """The wall-time budget, a fraction of the rest of the run (``None``: unlimited)."""
+        return self._budget.max_overhead
+
+    @max_overhead.setter
+    def max_overhead(self, value: float | None) -> None:
+        check_max_overhead(value)
+        self._budget.max_overhead = value
+
+    @property
     def probe_set(self) -> ProbeSet | None:
         """The fixed probe set (``None`` until fitting starts when it is drawn from data)."""
         return self._probe_set
@@ -174,47 +170,39 @@ class ProbeCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if not trainer.loggers:
-            raise ValueError(
-                f"{type(self).__name__} needs a logger to report to, but the Trainer has "
-                "`logger=False`. Pass `logger=True` (TensorBoard) or a logger instance."
-            )
-        if not plog.tensorboard_writers(trainer):
-            self._warn_once(
-                "no-tensorboard",
-                f"{type(self).__name__}: no TensorBoard logger among `trainer.loggers`; "
-                "scalars are still logged, but histograms, images and figures are not. "
-                "Add `pytorch_lightning.loggers.TensorBoardLogger` to see them.",
-            )
+        warning = check_loggers(trainer, type(self).__name__)
+        if warning is not None:
+            self._warn_once("no-tensorboard", warning)
         self.check_model(trainer, pl_module)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._seen_step = trainer.global_step
-        self._train_start = time.perf_counter()
-        self._probe_seconds = 0.0
+        started = self._budget.start()
         try:
             self._prepare(trainer, pl_module)
         finally:
-            self._probe_seconds += time.perf_counter() - self._train_start
+            self._budget.charge_since(started)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":  # the probe sets and weight copies shared during this fit
+            release_shared_work(trainer)
 
     def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        work = shared_work(trainer)  # probes with the same settings share one probe set
         if self._probe_set is None:
             self._probe_set = self._draw_probe_set(trainer)
-        self._probe_set = self._probe_set.to(pl_module.device)
-        if self.needs_targets and self._probe_set.targets is None:
-            raise ValueError(
-                f"{type(self).__name__} needs targets, but the probe batches have none. Pass "
-                "`probe_data=(inputs, targets)` or `batch_to_inputs_targets=`."
-            )
-        targets = self._probe_set.targets
-        if self.needs_class_targets and targets is not None and torch.is_floating_point(targets):
-            raise ValueError(
-                f"{type(self).__name__} needs class labels (integer targets of shape [n]), but "
-                f"the probe targets are {targets.dtype} of shape {tuple(targets.shape)}. It "
-                "measures accuracy or class-conditional statistics and does not apply to "
-                "regression; pass integer labels via `probe_data=` or `batch_to_inputs_targets=`."
-            )
+        elif self._probe_set is self._given:  # the same user data: one collated copy for all
+            self._probe_set = work.given_probe_set(self.probe_data, self._probe_set)
+        self._given = None  # no CPU copy kept beyond this point
+        self._probe_set = work.on_device(self._probe_set, pl_module.device)
+        check_probe_targets(
+            type(self).__name__,
+            self._probe_set,
+            needs_targets=self.needs_targets,
+            needs_class_targets=self.needs_class_targets,
+        )
         with isolated(pl_module, grad=False):
             # configuration errors surface here, once, before any training step
             self.validate(pl_module, self._probe_set)
@@ -294,9 +282,7 @@ class ProbeCallback(Callback):
             NonFiniteValueError: If a value is NaN or infinite; :meth:`_run` then skips the
                 rest of this run with one warning, and training continues.
         """
-        bad = [k for k, v in metrics.items() if not torch.isfinite(torch.as_tensor(v)).all()]
-        if bad:
-            raise NonFiniteValueError(f"non-finite values for {', '.join(bad)}")
+        check_finite_metrics(metrics)
         plog.log_scalars(trainer, pl_module, metrics, on_step=self._on_step)
 
     def key(self, quantity: str, layer: str | None = None) -> str:
@@ -322,24 +308,23 @@ class ProbeCallback(Callback):
     @property
     def probe_seconds(self) -> float:
         """Wall time this probe has used in the current fit: fit-start work, predictions, runs."""
-        return self._probe_seconds
+        return self._budget.probe_seconds
 
     @property
     def over_budget_skips(self) -> int:
         """Scheduled runs skipped so far to stay within ``max_overhead``."""
-        return self._over_budget_skips
+        return self._budget.over_budget_skips
 
     def predict_cost(
         self, pl_module: LightningModule, data: ProbeSet, units: CostUnits
     ) -> float | None:
         """Predicted seconds of one run, before any run has been measured (``None``: unknown).
 
-        The wall-time budget (``max_overhead``) predicts each run by the measured cost of the
-        previous one; this is its prediction of the first, so that an expensive probe on a short
-        or fast training run does not overshoot its budget before it has any measurement.
-        Subclasses state their cost in :class:`~lightning_probes.core.cost.CostUnits` measured
-        on this model and probe set (forward passes, dense flops, figures). The default,
-        ``None``, lets the first run start unpredicted.
+        The budget's prediction of the first run (:mod:`~lightning_probes.callbacks.budget`),
+        so that an expensive probe on a short or fast run does not overshoot its budget before
+        it has any measurement; stated in :class:`~lightning_probes.core.cost.CostUnits`
+        (forward passes, dense flops, figures). ``None`` (default): the first run starts
+        unpredicted, and may exceed the budget on a very short run.
 
         Args:
             pl_module: The model (inside ``isolated``, eval mode, no autograd).
@@ -351,28 +336,6 @@ class ProbeCallback(Callback):
         """
         return None
 
-    def _predicted_run_seconds(self, pl_module: LightningModule | None) -> float:
-        """Cost of the next run: the last run's, or, before the first, :meth:`predict_cost`."""
-        if self._measured:
-            return self._last_run_seconds
-        if self._first_run_prediction is None:
-            prediction = 0.0
-            overridden = type(self).predict_cost is not ProbeCallback.predict_cost
-            if overridden and pl_module is not None and self._probe_set is not None:
-                started = time.perf_counter()
-                try:
-                    with isolated(pl_module, grad=False):
-                        units = calibrate(
-                            pl_module, self._probe_set, output_fn=getattr(self, "output_fn", None)
-                        )
-                        prediction = self.predict_cost(pl_module, self._probe_set, units) or 0.0
-                except Exception:  # a prediction must never stop training: run unpredicted
-                    prediction = 0.0
-                finally:
-                    self._probe_seconds += time.perf_counter() - started
-            self._first_run_prediction = prediction
-        return self._first_run_prediction
-
     def _within_budget(self, trainer: Trainer, pl_module: LightningModule | None = None) -> bool:
         """Whether a scheduled run fits in ``max_overhead`` (rank zero decides for all ranks).
 
@@ -380,24 +343,14 @@ class ProbeCallback(Callback):
         """
         if self.max_overhead is None:
             return True
-        # predicted: a run is started only if, at the cost of the last one (or the predicted
-        # cost of the first), it stays in budget
-        predicted = self._predicted_run_seconds(pl_module)
-        elapsed = time.perf_counter() - self._train_start  # after the prediction's own cost
-        spent = self._probe_seconds + predicted
-        fits = spent <= self.max_overhead * max(elapsed - self._probe_seconds, 0.0)
-        if trainer.world_size > 1:
-            fits = bool(trainer.strategy.broadcast(fits, src=0))
+        predict = None
+        data = self._probe_set
+        overridden = type(self).predict_cost is not ProbeCallback.predict_cost
+        if overridden and pl_module is not None and data is not None:
+            predict = lambda: predict_first_run(self, pl_module, data)  # noqa: E731
+        fits = self._budget.admits(trainer, predict)
         if not fits:
-            self._over_budget_skips += 1
-            self._warn_once(
-                "over-budget",
-                f"{type(self).__name__}: skipping scheduled runs to keep its cost within "
-                f"`max_overhead={self.max_overhead}` of the training time (a run is predicted "
-                f"to take {predicted:.2f} s; {self._probe_seconds:.2f} s used so far). Raise "
-                "`max_overhead`, run less often (`every_n_steps`, `at_steps`) or on a smaller "
-                "`probe_size`, or pass `max_overhead=None` to run at every scheduled step.",
-            )
+            self._warn_once("over-budget", self._budget.skip_message(type(self).__name__))
         return fits
 
     def _warn_once(self, tag: str, message: str) -> None:
@@ -412,21 +365,10 @@ class ProbeCallback(Callback):
         return bool(trainer.sanity_checking or not trainer.training or self._probe_set is None)
 
     def _draw_probe_set(self, trainer: Trainer) -> ProbeSet:
-        loader = trainer.train_dataloader
-        if isinstance(loader, Mapping):
-            loader = next(iter(loader.values()))
-        elif isinstance(loader, (list, tuple)):
-            loader = loader[0]
-        if not isinstance(loader, torch.utils.data.DataLoader):
-            raise TypeError(
-                f"{type(self).__name__} draws its probe set from the train DataLoader, but got "
-                f"{type(loader).__name__}. Pass `probe_data=` explicitly."
-            )
-        data = draw_probe_set(
-            loader,
-            self.probe_size,
-            seed=self.seed,
-            batch_to_inputs_targets=self.batch_to_inputs_targets,
+        split = self.batch_to_inputs_targets
+        name, size = type(self).__name__, self.probe_size
+        data = draw_shared_probe_set(
+            trainer, name, size, seed=self.seed, batch_to_inputs_targets=split
         )
         if len(data) < self.probe_size:
             self._warn_once(
@@ -442,42 +384,13 @@ class ProbeCallback(Callback):
         self._on_step = on_step
         started = time.perf_counter()
         try:
-            if not _all_finite(pl_module.parameters()):
+            if not all_finite(pl_module.parameters()):
                 raise NonFiniteValueError("the model's parameters are not finite")
             with isolated(pl_module, grad=self.needs_grad):
                 self.probe(trainer, pl_module, self._probe_set)
             self._runs += 1
-        except NonFiniteValueError as err:
-            self._failures += 1
-            self._warn_once(
-                "non-finite",
-                f"{type(self).__name__} skipped its run at step {trainer.global_step}: {err} "
-                "(NaN/inf). Training continues; later runs are attempted as scheduled, and this "
-                "warning is shown once.",
-            )
-        except Exception as err:
-            self._failures += 1
-            message = (
-                f"{type(self).__name__} failed at step {trainer.global_step} and was skipped; "
-                f"the model is unchanged and training continues. {type(err).__name__}: {err}"
-            )
-            if self.on_error == "raise":
-                raise RuntimeError(message) from err
-            self._warn_once(
-                f"error-{type(err).__name__}",
-                message + "\n" + "".join(traceback.format_exception(err)[-3:]),
-            )
+        except Exception as err:  # NaN/inf: skipped; else warned, or raised with "raise"
+            self._warn_once(*failure_warning(type(self).__name__, trainer.global_step, err, self))
         finally:
             self._on_step = None
-            self._last_run_seconds = time.perf_counter() - started
-            self._probe_seconds += self._last_run_seconds
-            self._measured = True
-
-
-def _all_finite(tensors: Iterable[Tensor]) -> bool:
-    """Whether every element of every tensor is finite, with a single host synchronisation."""
-    flags = [torch.isfinite(t).all() for t in tensors]
-    if not flags:
-        return True
-    device = flags[0].device  # parameters may live on several devices (model parallel)
-    return bool(torch.stack([f.to(device) for f in flags]).all())
+            self._budget.record_run(started)

@@ -16,19 +16,19 @@ import numpy as np
 import torch
 from pytorch_lightning import LightningModule, Trainer
 from torch import Tensor, nn
-from torch.nn import functional as F
 from typing_extensions import override
 
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.base import ProbeCallback
+from lightning_probes.callbacks.plots.cka import kernel_image, log_alignment_figures
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import OutputFn, chunks
+from lightning_probes.core.kernels.cost import kernel_probe_cost
 from lightning_probes.core.kernels.estimate import estimate_layer_alignments
 from lightning_probes.core.kernels.stats import kernel_statistics
 from lightning_probes.core.kernels.tangent import resolve_layers, tangent_kernel_factors
 from lightning_probes.core.layers import check_layer_spec
-from lightning_probes.functional.alignment import center_kernel
 
 Estimator = Literal["exact", "hutchinson"]
 
@@ -157,31 +157,22 @@ class LayerCKACallback(ProbeCallback):
         """Predicted cost of the first run (see :meth:`ProbeCallback.predict_cost`).
 
         Exact kernels: one capture forward, ``o`` batched backward passes, and per layer the
-        kernel product (Linear: :math:`(no)^2 d_{out} + n^2 d_{in}` multiply-adds; otherwise
-        through per-sample gradients, :math:`(no)^2 P_l`), its statistics and ~15 block-Lanczos
-        products of 16 vectors for the stable rank; a layer with fewer parameters than kernel
-        rows costs its ``P x P`` Gram instead; plus two figures. The Hutchinson estimator
-        is not predicted.
+        kernel product, its statistics and the stable rank's block Lanczos
+        (:func:`~lightning_probes.core.kernels.cost.kernel_probe_cost`); plus two figures. The
+        Hutchinson estimator is not predicted.
         """
         if self.estimator != "exact":
             return None
-        n, o = units.num_samples, units.num_outputs
-        no2 = float(n * o) ** 2
-        flops = passes = 0.0
-        for module in resolve_layers(pl_module, self._layer_names or self.layers).values():
-            size = sum(p.numel() for p in module.parameters())
-            if size < n * o and self.chunk_size is None:  # statistics from J: P x P Gram
-                flops += 2 * n * o * size**2 + 10 * size**3
-                continue
-            if isinstance(module, nn.Linear):
-                flops += 2 * (no2 * module.out_features + n**2 * (module.in_features + 1))
-            else:
-                flops += 2 * no2 * size
-            # statistics: ~6 float64 passes over the kernel; stable rank: ~15 products with it
-            passes += 6 * 8 + (15 * 4 if self.stable_rank else 0)
+        flops, moved = kernel_probe_cost(
+            resolve_layers(pl_module, self._layer_names or self.layers).values(),
+            units.num_samples,
+            units.num_outputs,
+            chunk_size=self.chunk_size,
+            stable_rank=self.stable_rank,
+        )
         figures = 2 if self.log_figures and plog.matplotlib_available() else 0
         return units.seconds(
-            forwards=1 + 2 * o, flops=flops, memory_bytes=passes * no2, figures=figures
+            forwards=1 + 2 * units.num_outputs, flops=flops, memory_bytes=moved, figures=figures
         )
 
     @override
@@ -211,7 +202,8 @@ class LayerCKACallback(ProbeCallback):
             plog.log_text(trainer, self.key("peak_layer"), f"{list(layers)[index]}: A = {best:.4f}")
         self.log_scalars(trainer, pl_module, {k: v for k, v in metrics.items() if _finite(v)})
         if self.log_figures and self.figures_enabled():
-            self._draw(trainer)
+            steps, hist = self.history
+            log_alignment_figures(trainer, self.key, steps, hist, self._layer_names)
 
     def _exact(
         self,
@@ -236,41 +228,12 @@ class LayerCKACallback(ProbeCallback):
             if self.stable_rank:
                 values[name]["stable_rank"] = stats.stable_rank
             if stats.kernel is not None:
-                self._log_kernel(trainer, name, stats.kernel, data.targets)
+                plog.log_image(
+                    trainer,
+                    self.key("kernel", name),
+                    kernel_image(stats.kernel, data.targets, self.centering),
+                )
         return values
-
-    def _log_kernel(self, trainer: Trainer, name: str, kernel: Tensor, targets: Tensor) -> None:
-        n = targets.shape[0]
-        o = kernel.shape[0] // n
-        kc = center_kernel(kernel.double(), o, self.centering).view(n, o, n, o)
-        if targets.ndim == 1:  # samples sorted by class show the block structure of alignment
-            order = torch.argsort(targets.to(kc.device), stable=True)
-            kc = kc[order][:, :, order]
-        img = kc.reshape(1, 1, n * o, n * o).float()
-        if n * o > 256:
-            img = F.adaptive_avg_pool2d(img, 256)
-        plog.log_image(trainer, self.key("kernel", name), img[0, 0])
-
-    def _draw(self, trainer: Trainer) -> None:
-        steps, hist = self.history
-        names = self._layer_names
-        fig = plog.new_figure(6.0, 3.5)
-        ax = fig.add_subplot(1, 1, 1)
-        ax.plot(range(len(names)), hist[-1], marker="o")
-        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
-        ax.set(xlabel="layer", ylabel="alignment $A_l$", title=f"step {steps[-1]}")
-        fig.tight_layout()
-        plog.log_figure(trainer, self.key("alignment_vs_layer"), fig)
-        fig = plog.new_figure(6.0, 3.5)
-        ax = fig.add_subplot(1, 1, 1)
-        image = ax.imshow(hist.T, aspect="auto", origin="lower", interpolation="nearest")
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 6)).astype(int))
-        ax.set_xticks(ticks, [str(steps[t]) for t in ticks])
-        ax.set(xlabel="step", ylabel="layer", title="alignment hierarchy")
-        fig.colorbar(image, ax=ax)
-        fig.tight_layout()
-        plog.log_figure(trainer, self.key("alignment_hierarchy"), fig)
 
     @override
     def extra_state(self) -> dict[str, Any]:

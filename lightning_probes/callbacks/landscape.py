@@ -7,7 +7,10 @@ shows a convex depression (a "radial tunnel"), few directions are short (high cu
 and checkpoints that lie on different wedges cannot be averaged. This callback logs the
 measurements that test this picture on a real run; the math lives in
 :mod:`lightning_probes.core.landscape.planes`, :mod:`lightning_probes.core.landscape.hessian` and
-:mod:`lightning_probes.functional.landscape`.
+:mod:`lightning_probes.functional.landscape`, the figures in
+:mod:`lightning_probes.callbacks.plots.landscape`. The weights before a probed step are the
+Trainer's shared read-only snapshot (:mod:`lightning_probes.callbacks.shared`): LCA reads the
+same copy.
 """
 
 from __future__ import annotations
@@ -23,28 +26,35 @@ from typing_extensions import override
 
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.base import ProbeCallback
+from lightning_probes.callbacks.checks import (
+    check_choice,
+    check_int_at_least,
+    check_optional_int,
+)
+from lightning_probes.callbacks.plots.landscape import log_plane, log_segments
+from lightning_probes.callbacks.shared import WeightSnapshot, shared_work
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import LossFn, OutputFn, probe_loss
+from lightning_probes.core.landscape.geometry import (
+    PlaneKind,
+    plane_directions,
+    short_direction_threshold,
+)
 from lightning_probes.core.landscape.hessian import count_short_directions, hessian_top_eigenvalues
 from lightning_probes.core.landscape.planes import (
-    LossPlane,
     flatten,
     loss_along_path,
     loss_plane,
-    orthogonalize,
-    random_direction,
     trainable_parameters,
 )
 from lightning_probes.core.layers import check_layer_spec, select_layers
 from lightning_probes.functional.landscape import (
     OneDimPolicy,
-    angle_degrees,
-    cosine,
+    drift_from_init,
     interpolation_barrier,
+    update_radial_cosine,
 )
-
-PlaneKind = Literal["radial", "random"]
 
 
 class LandscapeCallback(ProbeCallback):
@@ -84,7 +94,8 @@ class LandscapeCallback(ProbeCallback):
       of the two weight sets, what SWA would give), ``j = 1`` the most recent, plus a figure.
 
     Memory: one copy of the weights for :math:`\theta_0` (also written to checkpoints), one
-    transient copy at each probed step for the update cosine, and ``keep_checkpoints`` copies
+    transient copy at each probed step for the update cosine (the Trainer's shared pre-step
+    snapshot: none of its own when LCA instruments that step), and ``keep_checkpoints`` copies
     (also written to checkpoints).
 
     Args:
@@ -144,35 +155,18 @@ class LandscapeCallback(ProbeCallback):
     ) -> None:
         super().__init__(**kwargs)
         check_layer_spec(layers)
-        _nonneg_int("plane_every_n_runs", plane_every_n_runs)
-        _nonneg_int("keep_checkpoints", keep_checkpoints)
-        if not isinstance(plane_resolution, int) or plane_resolution < 2:
-            raise ValueError(
-                f"Expected `plane_resolution` to be an int >= 2, got {plane_resolution!r}."
-            )
+        check_int_at_least("plane_every_n_runs", plane_every_n_runs, 0)
+        check_int_at_least("keep_checkpoints", keep_checkpoints, 0)
+        check_int_at_least("plane_resolution", plane_resolution, 2)
         if not plane_span > 0:
             raise ValueError(f"Expected `plane_span` to be > 0, got {plane_span!r}.")
         planes = tuple(planes)
         if not set(planes) <= {"radial", "random"}:
             raise ValueError(f"`planes` can contain 'radial' and 'random', got {planes!r}.")
-        if one_dim not in ("zero", "weights", "norm"):
-            raise ValueError(f"`one_dim` can be 'zero', 'weights' or 'norm', got {one_dim!r}.")
-        if hessian_top_k is not None and (not isinstance(hessian_top_k, int) or hessian_top_k < 1):
-            raise ValueError(
-                f"Expected `hessian_top_k` to be None or an int >= 1, got {hessian_top_k!r}."
-            )
-        if hessian_iters is not None and (
-            not isinstance(hessian_iters, int) or hessian_iters < (hessian_top_k or 1)
-        ):
-            raise ValueError(
-                f"Expected `hessian_iters` to be None or an int >= `hessian_top_k`, got "
-                f"{hessian_iters!r}."
-            )
-        if hessian_threshold_mode not in ("relative", "absolute"):
-            raise ValueError(
-                "`hessian_threshold_mode` can be 'relative' or 'absolute', got "
-                f"{hessian_threshold_mode!r}."
-            )
+        check_choice("one_dim", one_dim, ("zero", "weights", "norm"))
+        check_optional_int("hessian_top_k", hessian_top_k, 1)
+        check_optional_int("hessian_iters", hessian_iters, hessian_top_k or 1, "`hessian_top_k`")
+        check_choice("hessian_threshold_mode", hessian_threshold_mode, ("relative", "absolute"))
         if not isinstance(checkpoint_every_n_runs, int) or checkpoint_every_n_runs < 1:
             raise ValueError(
                 "Expected `checkpoint_every_n_runs` to be an int >= 1, got "
@@ -201,7 +195,7 @@ class LandscapeCallback(ProbeCallback):
         self._layer_params: dict[str, list[str]] = {}
         self._init: dict[str, Tensor] | None = None
         self._kept: list[tuple[int, dict[str, Tensor]]] = []
-        self._before_step: dict[str, Tensor] | None = None
+        self._before_step: WeightSnapshot | None = None  # shared, read-only
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -232,7 +226,7 @@ class LandscapeCallback(ProbeCallback):
             and self.schedule.runs_at_step(step)
             and not self._should_skip(trainer)
         ):
-            self._before_step = {k: v.clone() for k, v in trainable_parameters(pl_module).items()}
+            self._before_step = shared_work(trainer).before_step(pl_module, step)
 
     @override
     def predict_cost(
@@ -262,14 +256,12 @@ class LandscapeCallback(ProbeCallback):
         metrics.update(self._geometry(theta))
         before, self._before_step = self._before_step, None
         if before is not None:
-            metrics.update(self._update_cosines(theta, before))
+            metrics.update(self._update_cosines(theta, before.tensors))
         metrics[self.key("loss")] = probe_loss(
             pl_module,
             data,
             theta,
-            loss_fn=self.loss_fn,
-            output_fn=self.output_fn,
-            chunk_size=self.chunk_size,
+            **self._loss_kw,
         )
         if self.hessian_top_k is not None:
             metrics.update(self._hessian(pl_module, data, theta))
@@ -279,35 +271,39 @@ class LandscapeCallback(ProbeCallback):
         if self.plane_every_n_runs and self._runs % self.plane_every_n_runs == 0:
             self._planes(trainer, pl_module, data, theta)
 
+    @property
+    def _loss_kw(self) -> dict[str, Any]:
+        """How the probe-set loss is evaluated (loss, logits, chunks)."""
+        return {"loss_fn": self.loss_fn, "output_fn": self.output_fn, "chunk_size": self.chunk_size}
+
+    def _groups(self, theta: Mapping[str, Tensor]) -> list[tuple[str | None, list[str]]]:
+        """The model (``None``: every trainable parameter), then each selected layer."""
+        return [(None, list(theta)), *self._layer_params.items()]
+
     def _geometry(self, theta: Mapping[str, Tensor]) -> dict[str, float | Tensor]:
         assert self._init is not None
         # restored from a checkpoint on the CPU: move once, keep it on the model's device
         self._init = {k: v.to(theta[k].device) if k in theta else v for k, v in self._init.items()}
         init = self._init
         out: dict[str, float | Tensor] = {}
-        groups: list[tuple[str | None, list[str]]] = [(None, list(theta))]
-        groups += [(layer, names) for layer, names in self._layer_params.items()]
-        for layer, names in groups:
-            now = flatten({k: theta[k] for k in names}).double()
-            start = flatten({k: init[k] for k in names}).double()
-            out[self.key("radius", layer)] = now.norm()
-            out[self.key("distance_from_init", layer)] = (now - start).norm()
-            out[self.key("angle_from_init", layer)] = angle_degrees(now, start)
+        for layer, names in self._groups(theta):
+            now = flatten({k: theta[k] for k in names})
+            drift = drift_from_init(now, flatten({k: init[k] for k in names}))
+            for quantity in ("radius", "distance_from_init", "angle_from_init"):
+                out[self.key(quantity, layer)] = drift[quantity]
             if layer is None:
-                out[self.key("init_radial_cosine")] = cosine(now - start, start)
+                out[self.key("init_radial_cosine")] = drift["init_radial_cosine"]
         return out
 
     def _update_cosines(
         self, theta: Mapping[str, Tensor], before: Mapping[str, Tensor]
     ) -> dict[str, float | Tensor]:
-        out: dict[str, float | Tensor] = {}
-        groups: list[tuple[str | None, list[str]]] = [(None, list(theta))]
-        groups += [(layer, names) for layer, names in self._layer_params.items()]
-        for layer, names in groups:
-            now = flatten({k: theta[k] for k in names})
-            prev = flatten({k: before[k] for k in names})
-            out[self.key("update_radial_cosine", layer)] = cosine(now - prev, prev)
-        return out
+        return {
+            self.key("update_radial_cosine", layer): update_radial_cosine(
+                flatten({k: theta[k] for k in names}), flatten({k: before[k] for k in names})
+            )
+            for layer, names in self._groups(theta)
+        }
 
     def _hessian(
         self, pl_module: LightningModule, data: ProbeSet, theta: Mapping[str, Tensor]
@@ -321,13 +317,9 @@ class LandscapeCallback(ProbeCallback):
             k=min(self.hessian_top_k, dim),
             num_iters=None if self.hessian_iters is None else min(self.hessian_iters, dim),
             generator=torch.Generator().manual_seed(self.seed + 7919 * self._runs),
-            loss_fn=self.loss_fn,
-            output_fn=self.output_fn,
-            chunk_size=self.chunk_size,
+            **self._loss_kw,
         )
-        tau = self.hessian_threshold
-        if self.hessian_threshold_mode == "relative":
-            tau *= float(eigs[0])
+        tau = short_direction_threshold(eigs, self.hessian_threshold, self.hessian_threshold_mode)
         return {
             self.key("hessian_max_eigenvalue"): float(eigs[0]),
             self.key("short_directions"): float(count_short_directions(eigs, tau)),
@@ -349,24 +341,13 @@ class LandscapeCallback(ProbeCallback):
                 data,
                 [start, dict(theta)],
                 points_per_segment=self.segment_points,
-                loss_fn=self.loss_fn,
-                output_fn=self.output_fn,
-                chunk_size=self.chunk_size,
+                **self._loss_kw,
             )
             out[self.key(f"segment_barrier_lag{lag}")] = interpolation_barrier(losses, t.float())
             out[self.key(f"segment_midpoint_loss_lag{lag}")] = losses[len(losses) // 2]
             curves.append((step, t, losses))
         if curves and self.figures_enabled():
-            fig = plog.new_figure(5.0, 3.5)
-            ax = fig.add_subplot(1, 1, 1)
-            for step, t, losses in curves:
-                ax.plot(
-                    plog.as_numpy(t), plog.as_numpy(losses), marker=".", label=f"from step {step}"
-                )
-            ax.set_xlabel("t  (0: earlier checkpoint, 1: now)")
-            ax.set_ylabel("probe-set loss")
-            ax.legend(fontsize="small")
-            plog.log_figure(trainer, self.key("segments"), fig)
+            log_segments(trainer, self.key, curves)
         if self._runs % self.checkpoint_every_n_runs == 0:
             copy = {k: v.detach().clone() for k, v in theta.items()}
             self._kept = [*self._kept, (trainer.global_step, copy)][-self.keep_checkpoints :]
@@ -381,11 +362,7 @@ class LandscapeCallback(ProbeCallback):
     ) -> None:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._runs)
         for kind in self.planes:
-            first = random_direction(theta, generator=gen, one_dim=self.one_dim)
-            if kind == "radial":
-                u, v = dict(theta), orthogonalize(first, theta)
-            else:
-                u, v = first, random_direction(theta, generator=gen, one_dim=self.one_dim)
+            u, v = plane_directions(theta, kind, generator=gen, one_dim=self.one_dim)
             plane = loss_plane(
                 pl_module,
                 data,
@@ -394,32 +371,9 @@ class LandscapeCallback(ProbeCallback):
                 v,
                 resolution=self.plane_resolution,
                 span=self.plane_span,
-                loss_fn=self.loss_fn,
-                output_fn=self.output_fn,
-                chunk_size=self.chunk_size,
+                **self._loss_kw,
             )
-            self._log_plane(trainer, kind, plane)
-
-    def _log_plane(self, trainer: Trainer, kind: str, plane: LossPlane) -> None:
-        # log scale: the loss spans orders of magnitude across a plane; rows flipped so that
-        # b increases upwards as on the contour figure
-        image = plane.losses.clamp_min(1e-12).log().flip(0)
-        plog.log_image(trainer, self.key(f"plane_{kind}"), image)
-        if not self.figures_enabled():
-            return
-        fig = plog.new_figure(4.5, 3.8)
-        ax = fig.add_subplot(1, 1, 1)
-        a, b, z = (plog.as_numpy(x) for x in (plane.alphas, plane.betas, plane.losses))
-        filled = ax.contourf(a, b, z, levels=20, cmap="viridis")
-        fig.colorbar(filled, ax=ax, label="probe-set loss")
-        ax.plot([0.0], [0.0], "r*", markersize=10, label="current weights")
-        if kind == "radial" and a[0] <= -1.0:
-            ax.plot([-1.0], [0.0], "wo", label="origin")
-        ax.set_xlabel("a  (along θ)" if kind == "radial" else "a  (random direction u)")
-        ax.set_ylabel("b  (random direction ⊥ θ)" if kind == "radial" else "b  (random v)")
-        ax.set_title(f"step {trainer.global_step}: {kind} plane")
-        ax.legend(fontsize="small", loc="upper right")
-        plog.log_figure(trainer, self.key(f"plane_{kind}_contour"), fig)
+            log_plane(trainer, self.key, kind, plane, figures=self.figures_enabled())
 
     # ------------------------------------------------------------------ state
     @override
@@ -442,8 +396,3 @@ class LandscapeCallback(ProbeCallback):
     @override
     def _state_key_config(self) -> dict[str, Any]:
         return {**super()._state_key_config(), "layers": self.layers}
-
-
-def _nonneg_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"Expected `{name}` to be an int >= 0, got {value!r}.")

@@ -17,12 +17,18 @@ Lightning pitfalls handled here:
 - When the next step is instrumented too, :math:`\theta_{t+1}` and the gradient there are kept
   as the next :math:`\theta_t` (Simpson in steady state: 2 gradient evaluations per step).
 
+- :math:`\theta_t` is the Trainer's shared, read-only pre-step snapshot
+  (:class:`~lightning_probes.callbacks.shared.WeightSnapshot`): a landscape probe running on
+  the same step reads the same copy. The kept :math:`\theta_{t+1}` is offered as the next one.
+
 Memory, in parameter-sized buffers beyond the model's weights, gradients and optimizer state:
 :math:`\theta_t`, the kept gradient and the cumulative LC between steps; during an allocation
 one evaluation point more, while the step's LC is formed in the kept gradient's buffer (autograd
 adds the new gradients straight into it): at most **4** with ``simpson`` or ``first_order``,
 5 with ``adaptive`` (its odd-point accumulator), 6 while ``adaptive`` refines. Per-step sums,
-histograms and the Weibull fit read the LC one layer or one block at a time.
+histograms and the Weibull fit read the LC one layer or one block at a time. The math is in
+:mod:`lightning_probes.core.lca` (the step, the cumulative tracker); the figures in
+:mod:`lightning_probes.callbacks.plots.lca`.
 """
 
 from __future__ import annotations
@@ -32,25 +38,40 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from pytorch_lightning import LightningModule, Trainer
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_probes import logging as plog
-from lightning_probes.callbacks.base import NonFiniteValueError, ProbeCallback
+from lightning_probes.callbacks.base import ProbeCallback
+from lightning_probes.callbacks.checks import (
+    NonFiniteValueError,
+    check_choice,
+    check_chunk_size,
+    check_positive_int,
+)
 from lightning_probes.callbacks.plots.lca import ROOT_LAYER, log_artefacts
+from lightning_probes.callbacks.schedule import is_last_step
+from lightning_probes.callbacks.shared import WeightSnapshot, shared_work
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import LossFn, OutputFn, probe_loss
 from lightning_probes.core.lca.allocation import (
     METHODS,
+    LCAResult,
     Method,
+    check_lca_arguments,
     loss_change_allocation,
-    model_loss_and_grad,
+)
+from lightning_probes.core.lca.gradients import model_loss_and_grad
+from lightning_probes.core.lca.tracker import (
+    LCATracker,
+    NonFiniteLossError,
+    loss_buffers,
+    use_batch_statistics,
 )
 from lightning_probes.functional.lca import fraction_helped, layer_sums
 
 BatchNormMode = Literal["batch", "running"]
-_HISTORY_COLUMNS = ("step", "loss_before", "loss_after", "lc", "error", "splits", "helped")
 
 
 class LossContributionCallback(ProbeCallback):
@@ -122,20 +143,12 @@ class LossContributionCallback(ProbeCallback):
             )
         if method not in METHODS:
             raise ValueError(f"`method` can be {', '.join(map(repr, METHODS))}, got {method!r}.")
-        if batchnorm not in ("batch", "running"):
-            raise ValueError(f"`batchnorm` can be 'batch' or 'running', got {batchnorm!r}.")
-        for name, value in (("window", window), ("artefact_every_n_steps", artefact_every_n_steps)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Expected `{name}` to be a positive int, got {value!r}.")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(
-                f"Expected `chunk_size` to be a positive int or None, got {chunk_size!r}."
-            )
+        check_choice("batchnorm", batchnorm, ("batch", "running"))
+        check_positive_int("window", window)
+        check_positive_int("artefact_every_n_steps", artefact_every_n_steps)
+        check_chunk_size(chunk_size)
         # validated once here, with the same messages as the core function
-        loss_change_allocation(
-            lambda p: p["x"].sum(), {"x": torch.zeros(1)}, {"x": torch.zeros(1)},
-            method=method, splits=splits, tolerance=tolerance, max_splits=max_splits,
-        )  # fmt: skip
+        check_lca_arguments(method, splits, tolerance, max_splits)
         self.method = method
         self.splits = splits
         self.tolerance = tolerance
@@ -148,21 +161,18 @@ class LossContributionCallback(ProbeCallback):
         self.per_neuron = per_neuron
         self.artefact_every_n_steps = artefact_every_n_steps
         self._layer_of: dict[str, str] = {}
-        self._before: dict[str, Tensor] | None = None  # θ_t (or the last θ_{t+1}, kept)
+        # θ_t: the shared read-only pre-step snapshot, or the last θ_{t+1}, kept and offered
+        self._before: WeightSnapshot | None = None
         self._cache: tuple[Tensor | float, dict[str, Tensor]] | None = None  # grad at _before
         self._cache_buffers: dict[str, Tensor] = {}
         self._pending = False
-        self._cumulative: dict[str, Tensor] = {}
-        self._history: list[tuple[float, ...]] = []
-        self._skipped = 0
-        self.grad_evals = 0
-        """Gradient evaluations on the LCA set so far (reused ones not counted)."""
+        self._tracker = LCATracker()
 
     # ------------------------------------------------------------------ public state
     @property
     def cumulative_lc(self) -> dict[str, Tensor]:
         """``{parameter name: Σ over instrumented steps of LC}`` (parameter shapes)."""
-        return dict(self._cumulative)
+        return dict(self._tracker.cumulative)
 
     @property
     def history(self) -> Tensor:
@@ -170,12 +180,17 @@ class LossContributionCallback(ProbeCallback):
 
         One row per allocated step (float64); the loss is on the LCA set.
         """
-        return torch.tensor(self._history, dtype=torch.float64).reshape(-1, len(_HISTORY_COLUMNS))
+        return self._tracker.history
 
     @property
     def skipped_steps(self) -> int:
         """Instrumented steps in which no parameter moved (e.g. skipped by the GradScaler)."""
-        return self._skipped
+        return self._tracker.skipped
+
+    @property
+    def grad_evals(self) -> int:
+        """Gradient evaluations on the LCA set so far (reused ones not counted)."""
+        return self._tracker.grad_evals
 
     def instruments(self, step: int) -> bool:
         """Whether optimizer step ``step`` (the ``global_step`` after it) is allocated."""
@@ -226,17 +241,14 @@ class LossContributionCallback(ProbeCallback):
         ):
             self._release()
             return
-        params = self._trainable(pl_module)
         kept, buffers = self._before, self._loss_buffers(pl_module)
-        if (
-            kept is None
-            or kept.keys() != params.keys()
-            or not all(torch.equal(kept[k], p) for k, p in params.items())
-        ):
+        # one read-only copy per step, shared with other probes (the kept θ_{t+1} if unmoved)
+        self._before = shared_work(trainer).before_step(pl_module, trainer.global_step + 1)
+        if kept is None or (self._before is not kept and not kept.equals(self._before.tensors)):
             self._cache = None  # the parameters moved outside the optimizer: recompute
-            self._before = {k: p.detach().clone() for k, p in params.items()}
         elif self._cache is not None and not _all_equal(self._cache_buffers, buffers):
             self._cache = None  # e.g. BatchNorm running statistics: the loss itself changed
+        del kept
         self._pending = True
 
     @override
@@ -262,20 +274,11 @@ class LossContributionCallback(ProbeCallback):
 
     @override
     def extra_state(self) -> dict[str, Any]:
-        return {
-            "cumulative": {k: v.detach().cpu().clone() for k, v in self._cumulative.items()},
-            "history": self.history,
-            "skipped": self._skipped,
-            "grad_evals": self.grad_evals,
-        }
+        return self._tracker.state_dict()
 
     @override
     def load_extra_state(self, state: Mapping[str, Any]) -> None:
-        self._cumulative = {k: v.clone() for k, v in state.get("cumulative", {}).items()}
-        history = state.get("history")
-        self._history = [] if history is None else [tuple(r) for r in history.tolist()]
-        self._skipped = int(state.get("skipped", 0))
-        self.grad_evals = int(state.get("grad_evals", 0))
+        self._tracker.load_state_dict(state)
 
     @override
     def _state_key_config(self) -> dict[str, Any]:
@@ -283,20 +286,18 @@ class LossContributionCallback(ProbeCallback):
 
     # ------------------------------------------------------------------ internals
     def _allocate(self, trainer: Trainer, pl_module: LightningModule, data: ProbeSet) -> None:
-        before = self._before
-        assert before is not None
+        snapshot, self._before = self._before, None  # θ_t: read-only, dropped once allocated
+        assert snapshot is not None
         params = dict(pl_module.named_parameters())
-        after = {k: params[k].detach() for k in before}
+        after = {k: params[k].detach() for k in snapshot.tensors}
         if self.batchnorm == "batch":  # the authors' choice; isolated() restores the buffers
-            for m in pl_module.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.train()
+            use_batch_statistics(pl_module)
         step = trainer.global_step
         keep = self.instruments(step + 1)
         kw = {"loss_fn": self.loss_fn, "output_fn": self.output_fn, "chunk_size": self.chunk_size}
         result = loss_change_allocation(
             lambda p: probe_loss(pl_module, data, p, **kw),  # type: ignore[arg-type]
-            before,
+            snapshot.tensors,
             after,
             method=self.method,
             splits=self.splits,
@@ -306,59 +307,38 @@ class LossContributionCallback(ProbeCallback):
             start=self._take_cache(),
             keep_grad_after=keep,
         )
-        self.grad_evals += result.grad_evals
-        if result.splits == 0:  # nothing moved (GradScaler skip): nothing to allocate
-            self._skipped += 1
-            self._keep(result.loss_after, result.grad_after) if keep else self._release()
+        try:
+            self._tracker.record(step, result, params)
+        except NonFiniteLossError as err:
+            raise NonFiniteValueError(str(err)) from err
+        if result.splits == 0:  # nothing moved (GradScaler skip): θ_{t+1} is θ_t
+            self._before = snapshot
+            self._keep(trainer, result.loss_after, result.grad_after) if keep else self._release()
             return
-        values = [result.total, result.loss_before, result.loss_after]
-        if not all(torch.isfinite(torch.tensor(values))):
-            raise NonFiniteValueError(f"the loss on the LCA set is not finite ({values})")
-        lc = result.lc
-        for name, p in params.items():
-            if name not in self._cumulative:
-                self._cumulative[name] = torch.zeros_like(p, dtype=torch.float32)
-        for name, value in lc.items():
-            cum = self._cumulative[name]
-            self._cumulative[name] = cum.to(
-                value.device, torch.promote_types(cum.dtype, value.dtype)
-            )
-            self._cumulative[name].add_(value)
-        self._history.append(
-            (
-                step,
-                result.loss_before,
-                result.loss_after,
-                result.total,
-                result.error,
-                result.splits,
-                fraction_helped(lc.values()),
-            )
-        )
+        del snapshot  # freed before θ_{t+1} is copied (unless another probe still reads it)
         if keep:
-            for k in before:
-                before[k].copy_(after[k])
-            self._keep(result.loss_after, result.grad_after)
+            self._before = WeightSnapshot.copy_of(after)
+            self._keep(trainer, result.loss_after, result.grad_after)
             self._cache_buffers = {k: b.clone() for k, b in self._loss_buffers(pl_module).items()}
         else:
             self._release()
         self._log_step(trainer, pl_module, result.lc, result)
-        if not keep or step % self.artefact_every_n_steps == 0 or _last_step(trainer):
-            self._log_artefacts(trainer, pl_module, lc)
+        if not keep or step % self.artefact_every_n_steps == 0 or is_last_step(trainer):
+            self._log_artefacts(trainer, pl_module, result.lc)
 
     def _log_step(
-        self, trainer: Trainer, pl_module: LightningModule, lc: dict[str, Tensor], result: Any
+        self, trainer: Trainer, pl_module: LightningModule, lc: dict[str, Tensor], result: LCAResult
     ) -> None:
         layers = list(dict.fromkeys(self._layer_of.values()))
         step_sums = layer_sums(lc, self._layer_of)
-        cum_sums = layer_sums(self._cumulative, self._layer_of)
+        cum_sums = layer_sums(self._tracker.cumulative, self._layer_of)
         metrics: dict[str, float] = {
             self.key("lc"): result.total,
             self.key("true_delta_loss"): result.true_delta,
             self.key("error"): result.error,
             self.key("splits"): float(result.splits),
             self.key("loss"): result.loss_after,
-            self.key("fraction_helped"): self._history[-1][6],
+            self.key("fraction_helped"): self._tracker.last_fraction_helped,
             self.key("cumulative_lc"): sum(cum_sums.values()),
         }
         if result.true_delta != 0.0:
@@ -383,7 +363,7 @@ class LossContributionCallback(ProbeCallback):
             trainer,
             self.key,
             lc,
-            self._cumulative,
+            self._tracker.cumulative,
             self._layer_of,
             self.history,
             per_neuron=self.per_neuron,
@@ -394,28 +374,17 @@ class LossContributionCallback(ProbeCallback):
             self.log_scalars(trainer, pl_module, metrics)
 
     def _loss_buffers(self, pl_module: LightningModule) -> dict[str, Tensor]:
-        """Buffers the LCA loss depends on (a kept gradient is valid while they are unchanged).
-
-        With ``batchnorm="batch"`` the BatchNorm running statistics do not enter the loss.
-        """
-        skip: set[str] = set()
-        if self.batchnorm == "batch":
-            for name, m in pl_module.named_modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    skip.update(
-                        f"{name}.{b}" if name else b for b, _ in m.named_buffers(recurse=False)
-                    )
-        return {k: b for k, b in pl_module.named_buffers() if k not in skip}
-
-    def _trainable(self, pl_module: LightningModule) -> dict[str, Tensor]:
-        return {k: p for k, p in pl_module.named_parameters() if p.requires_grad}
+        return loss_buffers(pl_module, batch_statistics=self.batchnorm == "batch")
 
     def _take_cache(self) -> tuple[Tensor | float, dict[str, Tensor]] | None:
         cache, self._cache = self._cache, None
         return cache
 
-    def _keep(self, loss: float, grads: dict[str, Tensor] | None) -> None:
+    def _keep(self, trainer: Trainer, loss: float, grads: dict[str, Tensor] | None) -> None:
+        """Keep θ_{t+1} and the gradient there for the next step; offer the copy to others."""
         self._cache = None if grads is None else (loss, grads)
+        if self._before is not None:
+            shared_work(trainer).offer(self._before)
 
     def _release(self) -> None:
         self._before, self._cache, self._pending, self._cache_buffers = None, None, False, {}
@@ -423,13 +392,3 @@ class LossContributionCallback(ProbeCallback):
 
 def _all_equal(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _last_step(trainer: Trainer) -> bool:
-    """Whether fitting stops after this optimizer step (max_steps or the last epoch's end)."""
-    if 0 <= trainer.max_steps <= trainer.global_step:
-        return True
-    max_epochs = trainer.max_epochs
-    return bool(
-        trainer.is_last_batch and max_epochs is not None and trainer.current_epoch + 1 >= max_epochs
-    )

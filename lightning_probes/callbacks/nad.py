@@ -25,6 +25,12 @@ from typing_extensions import override
 
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.base import ProbeCallback
+from lightning_probes.callbacks.plots.nad import (
+    log_energy_figure,
+    log_index_histogram,
+    log_spectrum_figure,
+    nad_images,
+)
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import OutputAdapter
@@ -260,15 +266,11 @@ class NADCallback(ProbeCallback):
         plog.log_histogram(trainer, self.key("singular_values"), nads.singular_values)
         if self.num_images:
             first = nads.directions[: self.num_images].float()
-            pixel, fourier = _nad_images(first)
+            pixel, fourier = nad_images(first)
             plog.log_image(trainer, self.key("directions"), pixel)
             plog.log_image(trainer, self.key("directions_fourier"), fourier)
         if self.figures_enabled():
-            fig = plog.new_figure()
-            ax = fig.add_subplot(1, 1, 1)
-            ax.semilogy(plog.as_numpy(nads.singular_values), marker=".", lw=1)
-            ax.set(xlabel="NAD index", ylabel="singular value", title="NAD spectrum")
-            plog.log_figure(trainer, self.key("spectrum"), fig)
+            log_spectrum_figure(trainer, self.key("spectrum"), nads.singular_values)
 
     # ------------------------------------------------------------------ scheduled
     @override
@@ -288,16 +290,10 @@ class NADCallback(ProbeCallback):
         for name, e, total in (("data", data_e, data_total), ("grad", grad_e, grad_total)):
             metrics[self.key(f"{name}_energy_share_top")] = float(e[:top].sum() / total)
             metrics[self.key(f"{name}_energy_centroid")] = _centroid(e)
-            _log_index_histogram(trainer, self.key(f"{name}_energy"), e / total)
+            log_index_histogram(trainer, self.key(f"{name}_energy"), e / total)
         self.log_scalars(trainer, pl_module, metrics)
         if self.figures_enabled():
-            fig = plog.new_figure()
-            ax = fig.add_subplot(1, 1, 1)
-            ax.semilogy(plog.as_numpy(data_e / data_total), label="probe data", lw=1)
-            ax.semilogy(plog.as_numpy(grad_e / grad_total), label="input gradients", lw=1)
-            ax.set(xlabel="NAD index", ylabel="share of energy", title="Energy over NADs")
-            ax.legend()
-            plog.log_figure(trainer, self.key("energy"), fig)
+            log_energy_figure(trainer, self.key("energy"), data_e / data_total, grad_e / grad_total)
 
     # ------------------------------------------------------------------ state
     @override
@@ -360,40 +356,3 @@ def _centroid(energy: Tensor) -> float:
         return 0.0
     index = torch.arange(k, dtype=energy.dtype, device=energy.device)
     return float((index * energy).sum() / total / (k - 1))
-
-
-def _nad_images(directions: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Pixel and Fourier-magnitude images of ``(n, *input_shape)`` NADs, each ``[C, H, W]``.
-
-    ``(C, H, W)`` / ``(H, W)`` inputs: grids of images (Fourier: :math:`|\mathrm{fftshift}
-    (\mathrm{fft2}(u))|` averaged over channels, DC in the centre); other shapes: one image
-    whose rows are the flattened NADs (Fourier: :math:`|\mathrm{fft}(u)|`, DC at the left).
-    """
-    n = directions.shape[0]
-    shape = directions.shape[1:]
-    if len(shape) == 2 or (len(shape) == 3 and shape[0] in (1, 3)):
-        images = directions.reshape(n, -1, *shape[-2:])
-        spectrum = torch.fft.fftshift(torch.fft.fft2(images), dim=(-2, -1)).abs().mean(1, True)
-        return plog.image_grid(images), plog.image_grid(spectrum)
-    flat = directions.reshape(n, -1)
-    return flat[None], torch.fft.fft(flat).abs()[None]
-
-
-def _log_index_histogram(trainer: Trainer, key: str, weights: Tensor) -> None:
-    """A TensorBoard histogram over NAD indices, bucket ``i`` holding ``weights[i]``."""
-    if not trainer.is_global_zero:
-        return
-    w = weights.detach().double().cpu()
-    index = torch.arange(w.numel(), dtype=torch.float64)
-    for writer in plog.tensorboard_writers(trainer):
-        writer.add_histogram_raw(
-            key,
-            min=0.0,
-            max=float(w.numel() - 1),
-            num=float(w.sum()),
-            sum=float((index * w).sum()),
-            sum_squares=float((index.square() * w).sum()),
-            bucket_limits=(index + 0.5).tolist(),
-            bucket_counts=w.tolist(),
-            global_step=trainer.global_step,
-        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -96,3 +97,18 @@ class ProbeSchedule:
         if self.every_n_epochs is None or step < self.start_step:
             return False
         return (epoch + 1) % self.every_n_epochs == 0
+
+
+def is_last_step(trainer: Any) -> bool:
+    """Whether fitting stops after this optimizer step (max_steps or the last epoch's end).
+
+    Args:
+        trainer: A Lightning ``Trainer`` (its ``max_steps``, ``global_step``, ``max_epochs``,
+            ``current_epoch`` and ``is_last_batch``).
+    """
+    if 0 <= trainer.max_steps <= trainer.global_step:
+        return True
+    max_epochs = trainer.max_epochs
+    return bool(
+        trainer.is_last_batch and max_epochs is not None and trainer.current_epoch + 1 >= max_epochs
+    )

@@ -16,6 +16,8 @@ from typing_extensions import override
 
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.base import ProbeCallback
+from lightning_probes.callbacks.checks import check_choice
+from lightning_probes.callbacks.plots.selectivity import log_importance_scatter
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import OutputFn, as_logits
@@ -25,10 +27,9 @@ from lightning_probes.core.interventions.selectivity import unit_ablation_impact
 from lightning_probes.core.layers import check_layer_spec, select_layers
 from lightning_probes.functional.selectivity import (
     binned_mutual_information,
-    class_conditional_means,
-    selectivity_index,
     spearman_correlation,
 )
+from lightning_probes.functional.selectivity_summary import layer_selectivity
 
 
 class SelectivityCallback(ProbeCallback):
@@ -89,8 +90,7 @@ class SelectivityCallback(ProbeCallback):
             raise ValueError(f"Expected `threshold` to be in [0, 1], got {threshold!r}.")
         if not isinstance(num_bins, int) or num_bins < 2:
             raise ValueError(f"Expected `num_bins` to be an int >= 2, got {num_bins!r}.")
-        if value not in ("zero", "mean"):
-            raise ValueError(f"`value` can be 'zero' or 'mean', got {value!r}.")
+        check_choice("value", value, ("zero", "mean"))
         self.layers = layers
         self.num_classes = num_classes
         self.follow_activation = follow_activation
@@ -159,14 +159,11 @@ class SelectivityCallback(ProbeCallback):
         metrics: dict[str, float] = {}
         selectivity = {}
         for layer, act in acts.items():
-            means, present = class_conditional_means(act, y, classes)
-            si = selectivity_index(means, present)
-            selectivity[layer] = si
-            metrics[self.key("mean", layer)] = float(si.mean())
-            metrics[self.key("frac_selective", layer)] = float(
-                (si > self.threshold).double().mean()
-            )
-            metrics[self.key("frac_dead", layer)] = float((act.abs().amax(0) == 0).double().mean())
+            summary = layer_selectivity(act, y, classes, threshold=self.threshold)
+            selectivity[layer] = si = summary.selectivity
+            metrics[self.key("mean", layer)] = summary.mean
+            metrics[self.key("frac_selective", layer)] = summary.frac_selective
+            metrics[self.key("frac_dead", layer)] = summary.frac_dead
             plog.log_histogram(trainer, self.key("selectivity", layer), si)
             if self.mutual_information:
                 mi = binned_mutual_information(act, y, classes, self.num_bins)
@@ -179,20 +176,4 @@ class SelectivityCallback(ProbeCallback):
         self.last_selectivity, self.last_impact = selectivity, impact
         self.log_scalars(trainer, pl_module, metrics)
         if self.importance and plog.tensorboard_writers(trainer) and self.figures_enabled():
-            self._scatter(trainer, selectivity, impact)
-
-    def _scatter(
-        self,
-        trainer: Trainer,
-        selectivity: dict[str, torch.Tensor],
-        impact: dict[str, torch.Tensor],
-    ) -> None:
-        fig = plog.new_figure(5, 3.5)
-        ax = fig.add_subplot(1, 1, 1)
-        for layer, si in selectivity.items():
-            r = float(spearman_correlation(si, impact[layer]))
-            label = f"{layer} (r={r:.2f})"
-            ax.scatter(plog.as_numpy(si), plog.as_numpy(impact[layer]), s=8, label=label)
-        ax.set(xlabel="class selectivity", ylabel="loss increase when ablated")
-        ax.legend(fontsize=7)
-        plog.log_figure(trainer, "probes/selectivity/importance_scatter", fig)
+            log_importance_scatter(trainer, selectivity, impact)

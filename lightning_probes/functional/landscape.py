@@ -241,3 +241,54 @@ def interpolation_barrier(losses: Tensor, t: Tensor) -> Tensor:
         raise ValueError(f"Expected `t` to run from 0 to 1, got {float(t[0])}..{float(t[-1])}.")
     chord = (1 - t) * losses[0] + t * losses[-1]
     return (losses - chord).max().clamp_min(0)
+
+
+def drift_from_init(theta: Tensor, init: Tensor) -> dict[str, Tensor]:
+    r"""Where the weights are relative to the origin and to their initialisation.
+
+    For flat vectors :math:`\theta` and :math:`\theta_0` (both cast to float64):
+
+    .. math::
+        r = \|\theta\|, \qquad d = \|\theta - \theta_0\|, \qquad
+        \angle(\theta, \theta_0), \qquad \cos(\theta - \theta_0, \theta_0),
+
+    the radius, the distance travelled, the angle (degrees) seen from the origin, and the radial
+    share of the whole displacement (Fort & Jastrzebski, 2019: training moves mostly
+    outwards).
+
+    Args:
+        theta: ``[D]`` current weights.
+        init: ``[D]`` weights at initialisation.
+
+    Returns:
+        ``{"radius", "distance_from_init", "angle_from_init", "init_radial_cosine"}``, scalar
+        float64 tensors.
+
+    Example:
+        >>> out = drift_from_init(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0]))
+        >>> [float(out[k]) for k in ("radius", "distance_from_init", "init_radial_cosine")]
+        [2.0, 1.0, 1.0]
+    """
+    now, start = theta.double(), init.double()
+    return {
+        "radius": now.norm(),
+        "distance_from_init": (now - start).norm(),
+        "angle_from_init": angle_degrees(now, start),
+        "init_radial_cosine": cosine(now - start, start),
+    }
+
+
+def update_radial_cosine(after: Tensor, before: Tensor) -> Tensor:
+    r"""Radial share of one update: :math:`\cos(\theta_{t+1} - \theta_t, \theta_t)`.
+
+    Positive: the step moved outwards (Fort & Jastrzebski, 2019). The difference is taken in
+    the weights' dtype, the cosine in float64.
+
+    Args:
+        after: ``[D]`` weights after the step.
+        before: ``[D]`` weights before it.
+
+    Returns:
+        A scalar float64 tensor in ``[-1, 1]``.
+    """
+    return cosine(after - before, before)

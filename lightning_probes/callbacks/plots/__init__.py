@@ -1,1 +1,1 @@
-"""Figures of the probes: one module per probe, figures only."""
+"""Figures of the probes: one module per probe, drawn on bare matplotlib figures."""

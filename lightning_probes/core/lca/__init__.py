@@ -6,21 +6,27 @@ The public names of ``lightning_probes.core.lca`` are re-exported here.
 from lightning_probes.core.lca.allocation import (
     METHODS,
     LCAResult,
-    LossAndGradFn,
     Method,
+    check_lca_arguments,
+    loss_change_allocation,
+)
+from lightning_probes.core.lca.gradients import (
+    AutogradLossAndGrad,
+    LossAndGradFn,
     ModelLossAndGrad,
     ParamLossFn,
-    loss_change_allocation,
     model_loss_and_grad,
 )
 
 __all__ = [
     "METHODS",
+    "AutogradLossAndGrad",
     "LCAResult",
     "LossAndGradFn",
     "Method",
     "ModelLossAndGrad",
     "ParamLossFn",
+    "check_lca_arguments",
     "loss_change_allocation",
     "model_loss_and_grad",
 ]

@@ -33,29 +33,24 @@ No Lightning import; weights are never modified (evaluation through the caller's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_probes.core.data import ProbeSet
-from lightning_probes.core.evaluation import (
-    LossFn,
-    OutputFn,
-    collect_grads,
-    probe_loss_and_grad,
-    seed_grads,
+from lightning_probes.core.lca.gradients import (
+    AutogradLossAndGrad,
+    LossAndGradFn,
+    ParamLossFn,
+    accumulate_grad,
+    loss_only,
 )
 from lightning_probes.functional.lca import block_size, relative_error, sum64
 
 Method = Literal["first_order", "simpson", "adaptive"]
 METHODS: tuple[str, ...] = ("first_order", "simpson", "adaptive")
-ParamLossFn = Callable[[dict[str, Tensor]], Tensor]
-"""``{name: tensor} -> scalar loss`` (differentiable w.r.t. the given tensors)."""
-LossAndGradFn = Callable[[dict[str, Tensor]], tuple[Tensor, dict[str, Tensor]]]
-"""``{name: tensor} -> (loss, {name: dloss/dtensor})``, both detached."""
 
 
 @dataclass
@@ -120,9 +115,11 @@ def loss_change_allocation(
         tolerance: Absolute error bound of ``adaptive``.
         max_splits: Largest number of splits of ``adaptive``.
         loss_and_grad: ``params -> (loss, grads)``; overrides autograd on ``loss_fn`` (e.g.
-            chunked full-probe-set gradients, :func:`model_loss_and_grad`). If it also has a
+            chunked full-probe-set gradients,
+            :func:`~lightning_probes.core.lca.gradients.model_loss_and_grad`). If it also has a
             method ``accumulate(params, out, weight) -> loss`` that adds ``weight * grad`` into
-            the tensors of ``out`` in place (as :class:`ModelLossAndGrad`), no gradient copy is
+            the tensors of ``out`` in place (as
+            :class:`~lightning_probes.core.lca.gradients.ModelLossAndGrad`), no gradient copy is
             made besides the accumulator.
         start: ``(loss, grads)`` already known at ``before`` (the previous step's
             ``grad_after``); saves one gradient evaluation. Its gradient tensors are used as
@@ -149,9 +146,9 @@ def loss_change_allocation(
         >>> res.lc["x"].round(decimals=9).tolist(), res.true_delta, res.splits
         ([-3.0, -3.0], -6.0, 2)
     """
-    _check_arguments(method, splits, tolerance, max_splits)
+    check_lca_arguments(method, splits, tolerance, max_splits)
     names = _check_params(before, after)
-    grad_fn = loss_and_grad if loss_and_grad is not None else _AutogradLossAndGrad(loss_fn)
+    grad_fn = loss_and_grad if loss_and_grad is not None else AutogradLossAndGrad(loss_fn)
     acc_dtype = {k: torch.promote_types(before[k].dtype, torch.float32) for k in names}
     deltas_nonzero = any(not torch.equal(before[k], after[k]) for k in names)
 
@@ -181,7 +178,7 @@ def loss_change_allocation(
                 torch.lerp(before[k], after[k], s, out=point[k])
             else:
                 point[k] = torch.lerp(before[k], after[k], s)
-        _accumulate(grad_fn, point, out, weight)
+        accumulate_grad(grad_fn, point, out, weight)
         evals += 1
 
     def at_end(out: dict[str, Tensor]) -> tuple[Tensor | float, dict[str, Tensor] | None]:
@@ -190,7 +187,7 @@ def loss_change_allocation(
         point.clear()  # θ_{t+1} is ``after`` itself: no buffer
         evals += 1
         if not keep_grad_after:
-            return _accumulate(grad_fn, dict(after), out, 1.0), None
+            return accumulate_grad(grad_fn, dict(after), out, 1.0), None
         loss1, g1 = grad_fn(dict(after))
         for k in names:
             out[k].add_(g1[k])
@@ -203,7 +200,7 @@ def loss_change_allocation(
             loss1, g1 = grad_fn(dict(after))
             evals += 1
         else:
-            loss1, g1 = _loss_only(loss_fn, grad_fn, after), None
+            loss1, g1 = loss_only(loss_fn, grad_fn, after), None
         _to_lc(acc, before, after, 1)
         return _result(acc, loss0, loss1, 1, evals, g1)
 
@@ -239,93 +236,6 @@ def loss_change_allocation(
     return _result(acc, loss0, loss1, n, evals, g1)
 
 
-def model_loss_and_grad(
-    model: nn.Module,
-    data: ProbeSet,
-    *,
-    loss_fn: LossFn | None = None,
-    output_fn: OutputFn | None = None,
-    chunk_size: int | None = None,
-) -> ModelLossAndGrad:
-    """A ``loss_and_grad`` for :func:`loss_change_allocation`: full probe set, in chunks.
-
-    The returned callable evaluates ``model`` at the given parameters through
-    :func:`torch.func.functional_call` (parameters not given are the model's own) with
-    :func:`~lightning_probes.core.evaluation.probe_loss_and_grad`; the model is not modified.
-    Its :meth:`~ModelLossAndGrad.accumulate` adds a weighted gradient into given buffers in
-    place, which :func:`loss_change_allocation` uses to hold no gradient copy of its own.
-    Put the model in the mode you want first (the authors: dropout off, BatchNorm on batch
-    statistics).
-
-    Example:
-        >>> net = nn.Linear(3, 2)
-        >>> data = ProbeSet(torch.randn(8, 3), torch.randint(0, 2, (8,)))
-        >>> before = {k: v.detach().clone() for k, v in net.named_parameters()}
-        >>> after = {k: v - 0.1 for k, v in before.items()}
-        >>> res = loss_change_allocation(
-        ...     None, before, after, loss_and_grad=model_loss_and_grad(net, data)
-        ... )
-        >>> res.error <= 1e-3
-        True
-    """
-    return ModelLossAndGrad(
-        model, data, loss_fn=loss_fn, output_fn=output_fn, chunk_size=chunk_size
-    )
-
-
-class ModelLossAndGrad:
-    r"""Full-probe-set loss of a model and its gradient at given parameters, in chunks.
-
-    Calling it gives ``(loss, {name: dL/dparam})`` like
-    :func:`~lightning_probes.core.evaluation.probe_loss_and_grad`;
-    :meth:`accumulate` adds :math:`w \nabla L` into existing buffers instead (no gradient
-    copy). Made by :func:`model_loss_and_grad`.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        data: ProbeSet,
-        *,
-        loss_fn: LossFn | None = None,
-        output_fn: OutputFn | None = None,
-        chunk_size: int | None = None,
-    ) -> None:
-        self.model = model
-        self.data = data
-        self.loss_fn = loss_fn
-        self.output_fn = output_fn
-        self.chunk_size = chunk_size
-
-    def __call__(self, params: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """``(loss, grads)`` at ``params`` (a fresh gradient copy)."""
-        return self._evaluate(params)
-
-    def accumulate(
-        self, params: dict[str, Tensor], out: dict[str, Tensor], weight: float
-    ) -> Tensor:
-        r"""``out[k] += weight * dL/dparams[k]`` in place, chunk by chunk; returns the loss.
-
-        The loss is the same as :meth:`__call__`'s. Autograd accumulates each chunk's gradient
-        of :math:`w L_B` straight into ``out`` (set as the private leaves' ``.grad``); with
-        ``weight`` a power of two (Simpson's 1, 2, 4) the scaling is exact.
-        """
-        return self._evaluate(params, out=out, weight=weight)[0]
-
-    def _evaluate(
-        self, params: dict[str, Tensor], **kwargs: Any
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        return probe_loss_and_grad(
-            self.model,
-            self.data,
-            params,
-            loss_fn=self.loss_fn,
-            output_fn=self.output_fn,
-            chunk_size=self.chunk_size,
-            **kwargs,
-        )
-
-
 def _result(
     lc: dict[str, Tensor],
     loss0: Tensor | float,
@@ -351,56 +261,6 @@ def _result(
 
 def _sum(tensors: Mapping[str, Tensor]) -> float:
     return float(sum(sum64(t) for t in tensors.values()))
-
-
-class _AutogradLossAndGrad:
-    """``loss_and_grad`` (and ``accumulate``) by autograd on a ``params -> loss`` callable."""
-
-    def __init__(self, loss_fn: ParamLossFn | None) -> None:
-        if loss_fn is None or not callable(loss_fn):
-            raise TypeError(
-                "Expected `loss_fn` to be a callable params -> scalar loss (or `loss_and_grad=` "
-                f"to be given), got {type(loss_fn).__name__}."
-            )
-        self.loss_fn = loss_fn
-
-    def __call__(self, params: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        with torch.enable_grad():
-            loss = _scalar(self.loss_fn(leaves))
-            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-        return loss.detach(), {
-            k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)
-        }
-
-    def accumulate(
-        self, params: dict[str, Tensor], out: dict[str, Tensor], weight: float
-    ) -> Tensor:
-        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        seeded = seed_grads(leaves, out)
-        with torch.enable_grad():
-            loss = _scalar(self.loss_fn(leaves))
-            if loss.requires_grad:
-                (loss if weight == 1.0 else loss * weight).backward(inputs=list(leaves.values()))
-        collect_grads(leaves, out, seeded)
-        return loss.detach()
-
-
-def _accumulate(
-    grad_fn: LossAndGradFn, params: dict[str, Tensor], out: dict[str, Tensor], weight: float
-) -> Tensor | float:
-    """``out += weight * grad`` at ``params``; returns the loss.
-
-    In place when ``grad_fn`` has an ``accumulate`` method (:class:`ModelLossAndGrad`, the
-    autograd path); otherwise through one fresh gradient copy.
-    """
-    accumulate = getattr(grad_fn, "accumulate", None)
-    if accumulate is not None:
-        return accumulate(params, out, weight)  # type: ignore[no-any-return]
-    loss, grads = grad_fn(params)
-    for k, buf in out.items():
-        buf.add_(grads[k], alpha=weight)
-    return loss
 
 
 def _to_lc(
@@ -439,25 +299,13 @@ def _blocks(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
     return list(zip(*(f.split(size) for f in flat)))
 
 
-def _loss_only(
-    loss_fn: ParamLossFn | None, grad_fn: LossAndGradFn, params: Mapping[str, Tensor]
-) -> Tensor:
-    if loss_fn is None:  # only a loss_and_grad was given: pay for the gradient
-        return grad_fn(dict(params))[0]
-    with torch.no_grad():
-        return _scalar(loss_fn(dict(params))).detach()
+def check_lca_arguments(method: str, splits: int, tolerance: float, max_splits: int) -> None:
+    """Validate the quadrature arguments of :func:`loss_change_allocation`.
 
-
-def _scalar(loss: Any) -> Tensor:
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
-        raise ValueError(
-            "Expected `loss_fn` to return a scalar tensor, got "
-            f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}."
-        )
-    return loss.reshape(())
-
-
-def _check_arguments(method: str, splits: int, tolerance: float, max_splits: int) -> None:
+    Raises:
+        ValueError: On an unknown ``method``, an odd or small ``splits``, a non-positive
+            ``tolerance`` or ``max_splits < splits``.
+    """
     if method not in METHODS:
         raise ValueError(f"`method` can be {', '.join(map(repr, METHODS))}, got {method!r}.")
     if not isinstance(splits, int) or isinstance(splits, bool) or splits < 2 or splits % 2:

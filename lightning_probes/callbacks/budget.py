@@ -1,0 +1,137 @@
+"""The wall-time budget of a probe (``max_overhead``) and the prediction of its first run.
+
+A scheduled run starts only if the probe's time so far (including its fit-start work) plus the
+predicted cost of this run stays within ``max_overhead`` times the time spent on everything
+else since training started. A run is predicted by the measured cost of the previous one; the
+first by the probe's :meth:`~lightning_probes.callbacks.base.ProbeCallback.predict_cost`, in
+:class:`~lightning_probes.core.cost.CostUnits` measured once on this model and probe set
+(:func:`predict_first_run`). A probe that states no cost runs its first time unpredicted. Skipped
+runs are counted (:attr:`RunBudget.over_budget_skips`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from torch import nn
+
+from lightning_probes.core.cost import calibrate
+from lightning_probes.core.data import ProbeSet
+from lightning_probes.core.isolation import isolated
+
+
+class RunBudget:
+    """Book-keeping of one probe's wall time against ``max_overhead``.
+
+    Args:
+        max_overhead: The budget as a fraction of the rest of the run (``None``: unlimited).
+
+    Attributes:
+        probe_seconds: Wall time the probe has used in the current fit.
+        over_budget_skips: Scheduled runs skipped so far to stay within the budget.
+
+    Example:
+        >>> budget = RunBudget(0.5)
+        >>> started = budget.start()
+        >>> budget.fits(predicted=0.0)
+        True
+    """
+
+    def __init__(self, max_overhead: float | None) -> None:
+        self.max_overhead = max_overhead
+        self.probe_seconds = 0.0
+        self.over_budget_skips = 0
+        self._train_start = 0.0
+        self._last_run_seconds = 0.0
+        self._measured = False  # a run has been timed: the next is predicted by its cost
+        self._first_run_prediction: float | None = None
+        self._last_prediction = 0.0
+
+    def start(self) -> float:
+        """Start the clocks of a fit; returns the start time (``time.perf_counter``)."""
+        self._train_start = time.perf_counter()
+        self.probe_seconds = 0.0
+        return self._train_start
+
+    def charge_since(self, started: float) -> None:
+        """Add the wall time since ``started`` (``time.perf_counter``) to the probe's time."""
+        self.probe_seconds += time.perf_counter() - started
+
+    def record_run(self, started: float) -> None:
+        """Charge a run that started at ``started``; it predicts the next run's cost."""
+        self._last_run_seconds = time.perf_counter() - started
+        self.probe_seconds += self._last_run_seconds
+        self._measured = True
+
+    def predicted_run_seconds(self, predict: Any = None) -> float:
+        """Cost of the next run: the last run's, or, before the first, ``predict()``.
+
+        Args:
+            predict: ``() -> seconds or None`` for the first run, called once and timed (its
+                cost counts as the probe's); ``None`` or a failing call predicts 0.
+        """
+        if self._measured:
+            return self._last_run_seconds
+        if self._first_run_prediction is None:
+            prediction = 0.0
+            if predict is not None:
+                started = time.perf_counter()
+                try:
+                    prediction = predict() or 0.0
+                except Exception:  # a prediction must never stop training: run unpredicted
+                    prediction = 0.0
+                finally:
+                    self.charge_since(started)
+            self._first_run_prediction = prediction
+        return self._first_run_prediction
+
+    def admits(self, trainer: Any, predict: Any = None) -> bool:
+        """Whether the next scheduled run fits (rank zero decides for all ranks); counts skips.
+
+        A run is started only if, at the cost of the last one (or the predicted cost of the
+        first, see :meth:`predicted_run_seconds`), it stays in budget. Call only at points every
+        rank reaches together (scheduled steps): it may broadcast.
+        """
+        self._last_prediction = predicted = self.predicted_run_seconds(predict)
+        fits = self.fits(predicted)
+        if trainer.world_size > 1:
+            fits = bool(trainer.strategy.broadcast(fits, src=0))
+        if not fits:
+            self.over_budget_skips += 1
+        return fits
+
+    def skip_message(self, owner: str) -> str:
+        """The warning shown (once) when ``owner`` skips a run to stay within the budget."""
+        return (
+            f"{owner}: skipping scheduled runs to keep its cost within "
+            f"`max_overhead={self.max_overhead}` of the training time (a run is predicted "
+            f"to take {self._last_prediction:.2f} s; {self.probe_seconds:.2f} s used so far). "
+            "Raise `max_overhead`, run less often (`every_n_steps`, `at_steps`) or on a smaller "
+            "`probe_size`, or pass `max_overhead=None` to run at every scheduled step."
+        )
+
+    def fits(self, predicted: float) -> bool:
+        """Whether a run of ``predicted`` seconds stays within the budget now."""
+        if self.max_overhead is None:
+            return True
+        elapsed = time.perf_counter() - self._train_start  # after the prediction's own cost
+        spent = self.probe_seconds + predicted
+        return spent <= self.max_overhead * max(elapsed - self.probe_seconds, 0.0)
+
+
+def predict_first_run(probe: Any, model: nn.Module, data: ProbeSet) -> float | None:
+    """``probe.predict_cost`` in units measured on ``model`` and ``data`` (isolated, no grad).
+
+    Args:
+        probe: A :class:`~lightning_probes.callbacks.base.ProbeCallback` (its ``output_fn``
+            attribute, if any, maps the model output to logits).
+        model: The model.
+        data: The probe set.
+
+    Returns:
+        Predicted seconds of the probe's first run, or ``None``.
+    """
+    with isolated(model, grad=False):
+        units = calibrate(model, data, output_fn=getattr(probe, "output_fn", None))
+        return probe.predict_cost(model, data, units)  # type: ignore[no-any-return]

@@ -1,0 +1,205 @@
+"""Validators the callbacks share, with Lightning-style messages that name the argument.
+
+Every check raises at once in ``__init__`` (as Lightning's own callbacks do) with
+"Expected `arg` to be ..., got ..." or "`arg` can be ..., got ...". Also the finiteness check
+of a probe's run (:func:`all_finite`, :class:`NonFiniteValueError`).
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_probes import logging as plog
+from lightning_probes.core.data import ProbeSet
+
+
+class NonFiniteValueError(ArithmeticError):
+    """A probe met NaN/inf (in the weights or in a value it computed); the run is skipped."""
+
+
+def is_int_at_least(value: Any, low: int) -> bool:
+    """Whether ``value`` is an ``int`` (not a ``bool``) ``>= low``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int >= 1 ("Expected `name` to be a ...").
+
+    Example:
+        >>> check_positive_int("window", 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `window` to be a positive int, got 0.
+    """
+    if not is_int_at_least(value, 1):
+        raise ValueError(f"Expected `{name}` to be a positive int, got {value!r}.")
+
+
+def check_int_at_least(name: str, value: Any, low: int) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int ``>= low`` (bools refused)."""
+    if not is_int_at_least(value, low):
+        raise ValueError(f"Expected `{name}` to be an int >= {low}, got {value!r}.")
+
+
+def check_optional_int(name: str, value: Any, low: int, low_text: str | None = None) -> None:
+    """Raise ``ValueError`` unless ``value`` is ``None`` or an int ``>= low``.
+
+    Args:
+        name: The argument's name.
+        value: Its value.
+        low: The smallest allowed int.
+        low_text: How the message names ``low`` (e.g. another argument), default ``low``.
+    """
+    if value is not None and (not isinstance(value, int) or value < low):
+        raise ValueError(
+            f"Expected `{name}` to be None or an int >= {low_text or low}, got {value!r}."
+        )
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``allowed`` ("`name` can be 'a' or 'b'").
+
+    Example:
+        >>> check_choice("value", "one", ("zero", "mean"))
+        Traceback (most recent call last):
+        ...
+        ValueError: `value` can be 'zero' or 'mean', got 'one'.
+    """
+    if value not in allowed:
+        names = [repr(a) for a in allowed]
+        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+        raise ValueError(f"`{name}` can be {listed}, got {value!r}.")
+
+
+def check_callable(name: str, value: Any, signature: str) -> None:
+    """Raise ``TypeError`` unless ``value`` is ``None`` or a callable ``signature``."""
+    if value is not None and not callable(value):
+        raise TypeError(
+            f"Expected `{name}` to be a callable {signature}, got {type(value).__name__}."
+        )
+
+
+def check_chunk_size(chunk_size: Any) -> None:
+    """Raise ``ValueError`` unless ``chunk_size`` is ``None`` or a positive int."""
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"Expected `chunk_size` to be a positive int or None, got {chunk_size!r}.")
+
+
+def check_max_overhead(max_overhead: Any) -> None:
+    """Raise ``ValueError`` unless ``max_overhead`` is ``None`` or a number > 0."""
+    if max_overhead is not None and (
+        isinstance(max_overhead, bool)
+        or not isinstance(max_overhead, (int, float))
+        or not max_overhead > 0
+    ):
+        raise ValueError(
+            f"Expected `max_overhead` to be a fraction > 0 or None, got {max_overhead!r}."
+        )
+
+
+def check_loggers(trainer: Any, owner: str) -> str | None:
+    """Check at ``setup`` that ``trainer`` has a logger; a warning if none is TensorBoard.
+
+    Args:
+        trainer: The Trainer.
+        owner: The probe's class name, for the messages.
+
+    Returns:
+        A warning to show once, or ``None``.
+
+    Raises:
+        ValueError: If the Trainer has no logger (``logger=False``).
+    """
+    if not trainer.loggers:
+        raise ValueError(
+            f"{owner} needs a logger to report to, but the Trainer has "
+            "`logger=False`. Pass `logger=True` (TensorBoard) or a logger instance."
+        )
+    if plog.tensorboard_writers(trainer):
+        return None
+    return (
+        f"{owner}: no TensorBoard logger among `trainer.loggers`; "
+        "scalars are still logged, but histograms, images and figures are not. "
+        "Add `pytorch_lightning.loggers.TensorBoardLogger` to see them."
+    )
+
+
+def check_probe_targets(
+    owner: str, data: ProbeSet, *, needs_targets: bool, needs_class_targets: bool
+) -> None:
+    """Raise ``ValueError`` when a probe's targets are missing or not class labels.
+
+    Args:
+        owner: The probe's class name, for the message.
+        data: The probe set.
+        needs_targets: The probe needs targets.
+        needs_class_targets: The probe needs integer class labels (accuracy, class means).
+    """
+    if needs_targets and data.targets is None:
+        raise ValueError(
+            f"{owner} needs targets, but the probe batches have none. Pass "
+            "`probe_data=(inputs, targets)` or `batch_to_inputs_targets=`."
+        )
+    targets = data.targets
+    if needs_class_targets and targets is not None and torch.is_floating_point(targets):
+        raise ValueError(
+            f"{owner} needs class labels (integer targets of shape [n]), but "
+            f"the probe targets are {targets.dtype} of shape {tuple(targets.shape)}. It "
+            "measures accuracy or class-conditional statistics and does not apply to "
+            "regression; pass integer labels via `probe_data=` or `batch_to_inputs_targets=`."
+        )
+
+
+def check_finite_metrics(metrics: Mapping[str, float | Tensor]) -> None:
+    """Raise :class:`NonFiniteValueError` naming every metric that is NaN or infinite."""
+    bad = [k for k, v in metrics.items() if not torch.isfinite(torch.as_tensor(v)).all()]
+    if bad:
+        raise NonFiniteValueError(f"non-finite values for {', '.join(bad)}")
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every element of every tensor is finite, with a single host synchronisation.
+
+    Example:
+        >>> all_finite([torch.ones(2), torch.tensor([1.0, float("inf")])])
+        False
+    """
+    flags = [torch.isfinite(t).all() for t in tensors]
+    if not flags:
+        return True
+    device = flags[0].device  # parameters may live on several devices (model parallel)
+    return bool(torch.stack([f.to(device) for f in flags]).all())
+
+
+def failure_warning(owner: str, step: int, err: Exception, probe: Any) -> tuple[str, str]:
+    """``(tag, message)`` of the warning for a probe run that failed with ``err``.
+
+    Args:
+        owner: The probe's class name.
+        step: The global step of the run.
+        err: What the run raised.
+        probe: The probe (its ``on_error``: ``"raise"`` re-raises as ``RuntimeError``).
+
+    Raises:
+        RuntimeError: With ``on_error="raise"``, for any error but :class:`NonFiniteValueError`.
+    """
+    if isinstance(err, NonFiniteValueError):
+        return "non-finite", (
+            f"{owner} skipped its run at step {step}: {err} "
+            "(NaN/inf). Training continues; later runs are attempted as scheduled, and this "
+            "warning is shown once."
+        )
+    message = (
+        f"{owner} failed at step {step} and was skipped; "
+        f"the model is unchanged and training continues. {type(err).__name__}: {err}"
+    )
+    if probe.on_error == "raise":
+        raise RuntimeError(message) from err
+    return f"error-{type(err).__name__}", (
+        message + "\n" + "".join(traceback.format_exception(err)[-3:])
+    )
