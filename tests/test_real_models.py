@@ -49,3 +49,85 @@ def test_gpt2_probe_loss_is_token_level_cross_entropy():
             for t in range(ids.shape[1])
         )
     torch.testing.assert_close(got, total / labels.numel(), rtol=1e-10, atol=1e-12)
+
+
+def _token_ce(model, ids, labels):
+    """Token-level cross-entropy written out as a loop over tokens (float64)."""
+    with torch.no_grad():
+        logits = model(ids).double()
+        terms = [
+            -torch.log_softmax(logits[i, t], 0)[labels[i, t]]
+            for i in range(ids.shape[0])
+            for t in range(ids.shape[1])
+        ]
+    return float(torch.stack(terms).mean())
+
+
+def test_lca_on_a_language_model_logs_token_level_losses(tmp_path):
+    """GPT-2 logits [n, L, V] with targets [n, L]: LCA runs with the default loss (it used to
+    fail at every step with 'Expected target size'), and its loss and true loss change equal
+    token-level cross-entropies computed by hand at the weights before and after the step."""
+    import copy
+
+    from conftest import make_trainer
+
+    import lightning_probes as lp
+
+    torch.manual_seed(0)
+    model = GPT2LM()
+    data = token_data(32)
+    probe_ids, probe_labels = data["input_ids"][:8], data["labels"][:8]
+    before = copy.deepcopy(model).eval()
+    cb = lp.LossContributionCallback(
+        every_n_steps=1, probe_data=(probe_ids, probe_labels), method="simpson", on_error="raise"
+    )
+    trainer = make_trainer(tmp_path, [cb], max_steps=1)
+    trainer.fit(model, dict_loader(data))
+    log = trainer.logger
+    after = model.eval()
+    loss_after = _token_ce(after, probe_ids, probe_labels)
+    loss_before = _token_ce(before, probe_ids, probe_labels)
+    assert log.values_of("probes/lca/loss")[-1] == pytest.approx(loss_after, rel=1e-5)
+    assert log.values_of("probes/lca/true_delta_loss")[-1] == pytest.approx(
+        loss_after - loss_before, rel=1e-3, abs=1e-6
+    )
+
+
+class _EvalDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return nn.functional.dropout(self.fc(x), 0.3, training=True)  # random even in eval
+
+
+@pytest.mark.parametrize("probe", ["lca", "landscape"])
+def test_random_op_in_eval_and_unreadable_outputs_stop_fit_at_start(tmp_path, probe):
+    from conftest import TinyClassifier, make_loader, make_trainer
+
+    import lightning_probes as lp
+
+    make = {
+        "lca": lambda: lp.LossContributionCallback(every_n_steps=1, probe_size=16),
+        "landscape": lambda: lp.LandscapeCallback(every_n_steps=1, probe_size=16),
+    }[probe]
+    module = TinyClassifier()
+    module.net = _EvalDropout()
+    trainer = make_trainer(tmp_path, [make()], max_steps=2)
+    with pytest.raises(ValueError, match="differs between two evaluations"):
+        trainer.fit(module, make_loader())
+    assert trainer.global_step == 0
+
+    class DictOut(TinyClassifier):
+        def forward(self, x):
+            return {"logits": self.net(x)}
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self(x)["logits"], y)
+
+    trainer = make_trainer(tmp_path / "b", [make()], max_steps=2)
+    with pytest.raises(ValueError, match="output_fn=") as err:
+        trainer.fit(DictOut(), make_loader())
+    assert trainer.global_step == 0 and "could not be evaluated" in str(err.value)

@@ -40,6 +40,7 @@ from lightning_probes.callbacks.shared import (
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import BatchToInputsTargets, ProbeSet, probe_set_from_tensors
 from lightning_probes.core.isolation import isolated
+from lightning_probes.core.validation import check_probe_loss
 
 OnError = Literal["warn", "raise"]
 
@@ -85,6 +86,7 @@ class ProbeCallback(Callback):
     needs_grad: ClassVar[bool] = False
     needs_targets: ClassVar[bool] = False
     needs_class_targets: ClassVar[bool] = False
+    evaluates_loss: ClassVar[bool] = False  # fit start: the loss's shapes and determinism
     default_schedule: ClassVar[dict[str, Any]] = {"every_n_steps": 50}
     default_max_overhead: ClassVar[float | None] = 0.03
 
@@ -119,9 +121,7 @@ class ProbeCallback(Callback):
         self.seed = seed
         self.batch_to_inputs_targets = batch_to_inputs_targets
         self.on_error = on_error
-        self._probe_set: ProbeSet | None = (
-            probe_set_from_tensors(probe_data) if probe_data is not None else None
-        )
+        self._probe_set = None if probe_data is None else probe_set_from_tensors(probe_data)
         self._given = self._probe_set  # built from `probe_data`, not yet shared
         self._runs = 0
         self._last_step = -1
@@ -207,6 +207,9 @@ class ProbeCallback(Callback):
             # configuration errors surface here, once, before any training step
             self.validate(pl_module, self._probe_set)
         self.on_probe_set_ready(trainer, pl_module, self._probe_set)
+        if self.evaluates_loss:  # LossFn and OutputFn of the subclass, checked on 2 samples
+            fns = [getattr(self, k, None) for k in ("loss_fn", "output_fn")]
+            check_probe_loss(pl_module, self._probe_set, type(self).__name__, *fns)
 
     @override
     def on_train_batch_end(

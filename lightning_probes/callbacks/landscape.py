@@ -130,6 +130,7 @@ class LandscapeCallback(ProbeCallback):
     probe_name = "landscape"
     needs_grad = False
     needs_targets = True
+    evaluates_loss = True
     default_schedule: ClassVar[dict[str, Any]] = {"every_n_steps": 50}
 
     def __init__(

@@ -117,6 +117,7 @@ class LossContributionCallback(ProbeCallback):
     probe_name: ClassVar[str] = "lca"
     needs_grad: ClassVar[bool] = True
     needs_targets: ClassVar[bool] = True
+    evaluates_loss: ClassVar[bool] = True
     default_schedule: ClassVar[dict[str, Any]] = {"every_n_steps": 1}
 
     def __init__(

@@ -29,10 +29,10 @@ _LM_HINT = (
 def check_probe_loss(
     model: nn.Module,
     data: ProbeSet,
-    *,
     probe: str,
     loss_fn: LossFn | None = None,
     output_fn: OutputFn | None = None,
+    *,
     num_samples: int = 2,
     rtol: float = 1e-5,
 ) -> None:
