@@ -43,7 +43,7 @@ from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import LossFn, OutputFn, probe_loss
 from lightning_probes.core.lca.allocation import (
     METHODS,
-    Method,
+    IntegrationRule,
     loss_change_allocation,
     model_loss_and_grad,
 )
@@ -101,7 +101,7 @@ class LossContributionCallback(ProbeCallback):
     def __init__(
         self,
         *,
-        method: Method = "adaptive",
+        method: IntegrationRule = "adaptive",
         splits: int = 2,
         tolerance: float = 1e-3,
         max_splits: int = 32,

@@ -5,9 +5,9 @@ The public names of ``lightning_probes.core.lca`` are re-exported here.
 
 from lightning_probes.core.lca.allocation import (
     METHODS,
+    IntegrationRule,
     LCAResult,
     LossAndGradFn,
-    Method,
     ModelLossAndGrad,
     ParamLossFn,
     loss_change_allocation,
@@ -16,9 +16,9 @@ from lightning_probes.core.lca.allocation import (
 
 __all__ = [
     "METHODS",
+    "IntegrationRule",
     "LCAResult",
     "LossAndGradFn",
-    "Method",
     "ModelLossAndGrad",
     "ParamLossFn",
     "loss_change_allocation",
