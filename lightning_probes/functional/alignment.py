@@ -6,7 +6,9 @@ and Signal Propagation in Deep Neural Networks" (the "alignment hierarchy").
 
 Index convention (stated once): a kernel over ``n`` samples and ``o`` outputs is an
 ``(n·o, n·o)`` matrix whose row ``i·o + c`` belongs to sample ``i``, output ``c``; viewed as a
-4-tensor it is ``K[i, c, j, d]``. Two centrings are offered:
+4-tensor it is ``K[i, c, j, d]``. Two centrings are offered, both a projector :math:`C`
+applied by :func:`center` (labels :math:`C y`, Jacobians :math:`C J`) and, on both sides of a
+kernel, by :func:`center_kernel` (:math:`C K C`):
 
 - ``"samples"`` (the authors' code, the default): centre over samples separately for every pair
   of outputs, :math:`K_c = (H_n \otimes I_o) K (H_n \otimes I_o)`, :math:`H_n = I - 11^T/n`;
@@ -40,8 +42,51 @@ def _check_centering(centering: str) -> None:
         raise ValueError(f"`centering` can be {', '.join(_CENTERINGS)}, got {centering!r}.")
 
 
+def center(x: Tensor, centering: Centering = "samples", *, dim: int = 0) -> Tensor:
+    r"""Apply the centring projector :math:`C` to ``x`` along its sample and output axes.
+
+    .. math::
+        C = H_n \otimes I_o,\; H_n = I - \tfrac1n 11^T \quad (\text{samples}), \qquad
+        C = I - \tfrac{1}{on} 11^T \quad (\text{full}):
+
+    subtract each output's mean over the samples, or the mean over all samples and outputs. The
+    one centring behind :func:`centered_labels` (:math:`C y`), the centred Jacobians and
+    implicit :math:`K_c u = C K C u` of :mod:`lightning_probes.core.kernels`; a kernel's two
+    sides at once: :func:`center_kernel`.
+
+    Args:
+        x: ``[..., n, o, ...]`` with samples on axis ``dim`` and outputs on ``dim + 1`` (a
+            ``[n·o, k]`` block in the kernel's row order is ``x.view(n, o, k)``).
+        centering: ``"samples"`` (authors' code) or ``"full"`` (paper eq. (6)).
+        dim: Axis of the samples; the outputs follow it.
+
+    Returns:
+        :math:`C x`, same shape and dtype.
+
+    Raises:
+        ValueError: For an unknown ``centering`` or no output axis after ``dim``.
+
+    Example:
+        >>> y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+        >>> center(y)[0].tolist(), center(y, "full").sum().item()
+        ([0.5, -0.5], 0.0)
+    """
+    _check_centering(centering)
+    axis = dim % x.ndim if x.ndim else dim
+    if not 0 <= axis < x.ndim - 1:
+        raise ValueError(
+            f"Expected `x` to have samples on axis `dim` and outputs on `dim + 1`, got "
+            f"dim={dim} for shape {tuple(x.shape)}."
+        )
+    if centering == "samples":
+        return x - x.mean(dim, keepdim=True)
+    return x - x.mean((axis, axis + 1), keepdim=True)
+
+
 def center_kernel(kernel: Tensor, num_outputs: int, centering: Centering = "samples") -> Tensor:
     r"""Centre a tangent kernel over samples per output pair, or over all entries.
+
+    Both sides of :func:`center` at once (one pass, same rounding as before the split).
 
     .. math::
         K_c = (H_n \otimes I_o)\,K\,(H_n \otimes I_o) \quad (\text{samples}), \qquad
@@ -106,8 +151,7 @@ def centered_labels(
             f"Expected `targets` to be [n] class indices or [n, {num_classes}] floats, got "
             f"shape {tuple(targets.shape)} ({targets.dtype})."
         )
-    y = y - y.mean(0, keepdim=True) if centering == "samples" else y - y.mean()
-    return y.reshape(-1)
+    return center(y, centering).reshape(-1)
 
 
 def kernel_label_alignment(
@@ -210,7 +254,7 @@ def stable_rank(matrix: Tensor, *, exact_below: int = 128, tol: float = 1e-7) ->
         A 0-d tensor in ``[1, rank(M)]`` (NaN for the zero matrix).
 
     Example:
-        >>> float(stable_rank(torch.diag(torch.tensor([2.0, 1.0, 1.0]))))
+        >>> round(float(stable_rank(torch.diag(torch.tensor([2.0, 1.0, 1.0])))), 6)
         1.5
     """
     _check_kernel(matrix, "matrix")

@@ -28,6 +28,7 @@ from lightning_probes.core.kernels.factors import AffineFactors, LayerFactors, s
 from lightning_probes.core.kernels.tangent import KernelMethod, Layers, tangent_kernel_factors
 from lightning_probes.functional.alignment import (
     Centering,
+    center,
     centered_labels,
     top_abs_eigenvalue,
 )
@@ -154,11 +155,7 @@ def _statistics_from_rows(
     n, o = y.shape
     j = rows.to(f64)
     trace = j.square().sum()
-    if centering == "samples":
-        j3 = j.view(n, o, -1)
-        jc = (j3 - j3.mean(0, keepdim=True)).view(n * o, -1)
-    else:
-        jc = j - j.mean(0, keepdim=True)
+    jc = center(j.view(n, o, -1), centering).view(n * o, -1)
     gram = self_gram(jc.T)
     frob2 = gram.square().sum()
     frob = frob2.sqrt()
@@ -272,14 +269,11 @@ def _top_eigenvalue(
     (:func:`~lightning_probes.functional.alignment.top_abs_eigenvalue` only needs products).
     """
 
-    def center(m: Tensor) -> Tensor:
-        if centering == "full":
-            return m - m.mean(0, keepdim=True)
-        m3 = m.view(n, o, -1)
-        return (m3 - m3.mean(0, keepdim=True)).view(n * o, -1)
+    def center_rows(m: Tensor) -> Tensor:  # C m for a [n·o, k] block
+        return center(m.view(n, o, -1), centering).view(n * o, -1)
 
     return top_abs_eigenvalue(
-        lambda u: center(matmul(center(u))),
+        lambda u: center_rows(matmul(center_rows(u))),
         n * o,
         dtype=torch.float64,
         device=device,
