@@ -19,11 +19,12 @@ kernel, by :func:`center_kernel` (:math:`C K C`):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from lightning_probes.functional.linalg import top_abs_eigenvalue
 
 Centering = Literal["samples", "full"]
 _CENTERINGS = ("samples", "full")
@@ -241,9 +242,9 @@ def centered_kernel_alignment(
 def stable_rank(matrix: Tensor, *, exact_below: int = 128, tol: float = 1e-7) -> Tensor:
     r"""Stable rank :math:`R = \|M\|_F^2 / \|M\|_2^2` of a symmetric matrix (Lou et al., App. G.1).
 
-    The spectral norm comes from ``eigvalsh`` for ``N <= exact_below``; above, from a block
-    subspace iteration with Rayleigh-Ritz (8 vectors, seeded, relative tolerance ``tol`` on the
-    top eigenvalue), which needs only matrix products.
+    The spectral norm comes from ``eigvalsh`` for ``N <= exact_below``; above, from block
+    Lanczos (:func:`~lightning_probes.functional.linalg.top_abs_eigenvalue`: 8 seeded start
+    vectors, relative tolerance ``tol`` on the top eigenvalue), which needs only products.
 
     Args:
         matrix: ``(N, N)`` symmetric (e.g. a centred kernel :math:`K_c`).
@@ -272,58 +273,6 @@ def spectral_norm_symmetric(
     return top_abs_eigenvalue(
         matrix.__matmul__, n, dtype=matrix.dtype, device=matrix.device, tol=tol, max_iter=max_iter
     )
-
-
-def top_abs_eigenvalue(
-    matmul: Callable[[Tensor], Tensor],
-    size: int,
-    *,
-    dtype: torch.dtype,
-    device: torch.device,
-    block: int = 8,
-    tol: float = 1e-7,
-    max_iter: int = 300,
-) -> Tensor:
-    r"""Largest absolute eigenvalue of a symmetric operator ``u -> M u`` (``[size, k]`` blocks).
-
-    Block Lanczos (a block Krylov basis
-    :math:`[V, MV, M^2V, \dots]`, fully re-orthogonalised, with Rayleigh-Ritz on it; ``block``
-    seeded random start vectors), stopped when the extreme Ritz value changes by at most
-    ``tol`` relative between two steps, or when the basis spans the whole space (then exact).
-    Only products with ``M`` are needed, so ``M`` may be implicit (e.g. a centred kernel, or one
-    streamed in blocks). The Ritz values of a growing Krylov basis tend to the extreme
-    eigenvalues at a rate set by the square root of the spectral gap, far faster than subspace
-    iteration (Golub & Van Loan, *Matrix Computations*, sec. 10.1 and 10.3).
-
-    ``max_iter`` bounds the number of block products (the basis holds at most
-    ``block * (max_iter + 1)`` vectors).
-    """
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    v = torch.randn(size, min(block, size), generator=generator, dtype=dtype).to(device)
-    q = torch.linalg.qr(v).Q
-    basis, images = [q], []
-    last = torch.zeros((), dtype=dtype, device=device)
-    top = last
-    for _ in range(max_iter + 1):
-        images.append(matmul(basis[-1]))
-        qs, ws = torch.cat(basis, 1), torch.cat(images, 1)
-        small = qs.T @ ws
-        top = torch.linalg.eigvalsh((small + small.T) / 2).abs().max()
-        if (top - last).abs() <= tol * top or qs.shape[1] >= size:
-            break
-        last = top
-        w = images[-1]
-        for _ in range(2):  # classical Gram-Schmidt twice: orthogonal to working precision
-            w = w - qs @ (qs.T @ w)
-        w = w[:, : size - qs.shape[1]]
-        # an orthonormal basis of span(w) only (left singular vectors of the non-zero singular
-        # values): a rank-deficient block must not bring in directions outside the Krylov space
-        u, sv, _ = torch.linalg.svd(w, full_matrices=False)
-        keep = sv > size * torch.finfo(dtype).eps * max(float(ws.abs().max()), 1e-300)
-        if not bool(keep.any()):  # invariant subspace found: its Ritz values are exact
-            break
-        basis.append(u[:, keep])
-    return top
 
 
 def _num_samples(kernel: Tensor, num_outputs: int) -> int:

@@ -30,9 +30,8 @@ from lightning_probes.functional.alignment import (
     Centering,
     center,
     centered_labels,
-    top_abs_eigenvalue,
 )
-from lightning_probes.functional.linalg import self_gram
+from lightning_probes.functional.linalg import self_gram, top_abs_eigenvalue
 
 
 @dataclass
@@ -266,7 +265,7 @@ def _top_eigenvalue(
     """Top eigenvalue of :math:`K_c` by block Lanczos, centring implicitly.
 
     :math:`K_c u = C K C u` with :math:`C` the centring projector, so ``K_c`` is never formed
-    (:func:`~lightning_probes.functional.alignment.top_abs_eigenvalue` only needs products).
+    (:func:`~lightning_probes.functional.linalg.top_abs_eigenvalue` only needs products).
     """
 
     def center_rows(m: Tensor) -> Tensor:  # C m for a [n·o, k] block
