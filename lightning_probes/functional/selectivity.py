@@ -89,6 +89,10 @@ def binned_mutual_information(
     with empirical (plug-in) probabilities. Morcos et al. (2018, appendix A.5) compare it with
     class selectivity as a predictor of a unit's importance.
 
+    All units at once, in bits. (``torchmetrics``' ``mutual_info_score`` takes one pair of
+    label vectors per call, in nats, with a different summation: a loop over the units that
+    changes the numbers.)
+
     Args:
         activity: ``[n, u]`` unit activity.
         targets: ``[n]`` class indices.
@@ -119,6 +123,9 @@ def spearman_correlation(x: Tensor, y: Tensor) -> Tensor:
     r"""Spearman rank correlation: Pearson correlation of the ranks (ties get average ranks).
 
     .. math:: \rho = \frac{\mathrm{cov}(R(x), R(y))}{\sigma_{R(x)} \sigma_{R(y)}}
+
+    Exact, in float64. (``torchmetrics``' ``spearman_corrcoef`` adds ``1e-6`` to the
+    denominator, clamps to ``[-1, 1]`` and returns 0 for a constant input, so it is not used.)
 
     Args:
         x: ``[u]`` values.
