@@ -249,7 +249,7 @@ def stable_rank(matrix: Tensor, *, exact_below: int = 128, tol: float = 1e-7) ->
     Args:
         matrix: ``(N, N)`` symmetric (e.g. a centred kernel :math:`K_c`).
         exact_below: Size up to which the full spectrum is computed.
-        tol: Convergence tolerance of the subspace iteration.
+        tol: Relative convergence tolerance of the block Lanczos iteration.
 
     Returns:
         A 0-d tensor in ``[1, rank(M)]`` (NaN for the zero matrix).

@@ -73,7 +73,7 @@ def kernel_statistics(
         centering: ``"samples"`` (authors' code) or ``"full"`` (paper eq. (6)).
         chunk_size: Samples per block (``None``: one block, the whole kernel).
         stable_rank: Compute the stable rank. Exact from the kernel without ``chunk_size``;
-            with it, by subspace iteration whose every step streams all blocks again (costly).
+            with it, by block Lanczos whose every step streams all blocks again (costly).
         keep_kernel: Also return the kernel (only without ``chunk_size``).
 
     Returns:
