@@ -115,18 +115,19 @@ def block_lanczos(
 
     Block Lanczos: an orthonormal basis :math:`Q` of :math:`[V, MV, M^2V, \dots]` grown one
     block at a time from ``start`` (:math:`V`), each new block fully re-orthogonalised (classical
-    Gram-Schmidt twice), and the Rayleigh-Ritz values, the eigenvalues of
-    :math:`\tfrac12 (S + S^T)` with :math:`S = Q^T M Q`. They tend to the extreme eigenvalues
-    of :math:`M` at a rate set by the square root of the spectral gap (Golub & Van Loan,
-    *Matrix Computations*, sec. 10.1 and 10.3). Only products with ``M`` are needed, so ``M``
-    may be implicit (a centred kernel, a Hessian-vector product). A block of one vector is
-    plain Lanczos with full re-orthogonalisation.
+    Gram-Schmidt twice), and the Rayleigh-Ritz values, the eigenvalues of the projection
+    :math:`S = Q^T M Q` (its upper triangle, accumulated as the blocks come, mirrored). They
+    tend to the extreme eigenvalues of :math:`M` at a rate set by the square root of the
+    spectral gap (Golub & Van Loan, *Matrix Computations*, sec. 10.1 and 10.3). Only products
+    with ``M`` are needed, so ``M`` may be implicit (a centred kernel, a Hessian-vector
+    product). A block of one vector is plain Lanczos with full re-orthogonalisation.
 
     Stops after ``max_iter + 1`` block products, when the largest absolute Ritz value changes
     by at most ``tol`` relative between two steps (if ``tol`` is given; the Ritz values are
     then computed at every step), when the basis spans the whole space (the values are then
     exact), or when the new block adds no direction (an invariant subspace: exact values of
-    the part of ``M`` that the start block reaches).
+    the part of ``M`` that the start block reaches). Memory: the basis (one buffer, rows
+    :math:`Q^T`) and the small :math:`S`; the products :math:`MQ` are not kept.
 
     Args:
         matmul: ``[size, b] -> [size, b]``, the product with a symmetric ``M`` (``b`` varies).
@@ -146,29 +147,34 @@ def block_lanczos(
     """
     size, dtype = start.shape[0], start.dtype
     block = torch.linalg.qr(start).Q
-    # Q and M Q kept as rows (Q^T, (M Q)^T) in buffers that grow by doubling: each basis vector
-    # is contiguous (fast products for narrow blocks) and no step copies the whole basis
-    qt_buf, wt_buf, used = _grow(None, 0, block, size), None, 0
-    scale = 0.0  # max |entry| of the images so far, the scale of the rank test below
+    # the basis as rows (each vector contiguous: fast products for narrow blocks) in a buffer
+    # sized for every step without a tolerance, else grown by doubling
+    bound = min(size, block.shape[1] * (max_iter + 1))
+    rows = bound if tol is None else min(bound, 8 * block.shape[1])
+    qt_buf = block.new_empty(rows, size)
+    qt_buf[: block.shape[1]] = block.T
+    small = block.new_zeros(0, 0)  # S = Q^T M Q
+    used = 0
+    scale = 0.0  # max |entry| of the products so far, the scale of the rank test below
     last = torch.zeros((), dtype=dtype, device=start.device)
     ritz: Tensor | None = None
     for step in range(max_iter + 1):
         image = matmul(block)
-        wt_buf = _grow(wt_buf, used, image, size)
-        used += block.shape[1]
         scale = max(scale, float(image.abs().max()))
-        qt, wt = qt_buf[:used], wt_buf[:used]
+        first, used = used, used + block.shape[1]
+        qt = qt_buf[:used]
+        coeffs = qt @ image  # [used, b]: the new block columns of S
+        small = _extend(small, coeffs, first)
         if tol is not None:
-            ritz = _ritz_values(qt, wt)
+            ritz = torch.linalg.eigvalsh(small)
             top = ritz.abs().max()
             if (top - last).abs() <= tol * top:
                 break
             last = top
         if used >= size or step == max_iter:
             break
-        w = image
-        for _ in range(2):  # classical Gram-Schmidt twice: orthogonal to working precision
-            w = w - qt.T @ (qt @ w)
+        w = image - qt.T @ coeffs
+        w = w - qt.T @ (qt @ w)  # classical Gram-Schmidt twice: orthogonal to working precision
         w = w[:, : size - used]
         # an orthonormal basis of span(w) only (left singular vectors of the non-zero singular
         # values): a rank-deficient block must not bring in directions outside the Krylov space
@@ -177,31 +183,28 @@ def block_lanczos(
         if not bool(keep.any()):  # invariant subspace found: its Ritz values are exact
             break
         block = u[:, keep]
-        qt_buf = _grow(qt_buf, used, block, size)
+        if used + block.shape[1] > qt_buf.shape[0]:
+            grown = qt_buf.new_empty(min(bound, 2 * (used + block.shape[1])), size)
+            grown[:used] = qt_buf[:used]
+            qt_buf = grown
+        qt_buf[used : used + block.shape[1]] = block.T
         ritz = None
-    assert wt_buf is not None
-    return ritz if ritz is not None else _ritz_values(qt_buf[:used], wt_buf[:used])
+    return ritz if ritz is not None else torch.linalg.eigvalsh(small)
 
 
-def _grow(buf: Tensor | None, used: int, block: Tensor, limit: int) -> Tensor:
-    """``buf`` with ``block``'s columns as rows after its first ``used`` rows (grown if full).
+def _extend(small: Tensor, coeffs: Tensor, first: int) -> Tensor:
+    """:math:`S` grown by the columns ``Q^T M q`` of a new block (rows ``first:`` its own).
 
-    A full buffer is reallocated at twice the rows needed, at most ``limit`` rows.
+    The block's diagonal part is symmetrised, the rest mirrored from the upper triangle.
     """
-    need = used + block.shape[1]
-    if buf is None or need > buf.shape[0]:
-        grown = block.new_empty(max(need, min(2 * need, limit)), block.shape[0])
-        if buf is not None:
-            grown[:used] = buf[:used]
-        buf = grown
-    buf[used:need] = block.T
-    return buf
-
-
-def _ritz_values(qt: Tensor, wt: Tensor) -> Tensor:
-    """Eigenvalues (ascending) of the symmetrised projection :math:`S = Q^T M Q`."""
-    small = qt @ wt.T
-    return torch.linalg.eigvalsh((small + small.T) / 2)
+    used = coeffs.shape[0]
+    out = coeffs.new_zeros(used, used)
+    out[:first, :first] = small
+    out[:first, first:] = coeffs[:first]
+    out[first:, :first] = coeffs[:first].T
+    diag = coeffs[first:]
+    out[first:, first:] = (diag + diag.T) / 2
+    return out
 
 
 def top_abs_eigenvalue(
