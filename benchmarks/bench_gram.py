@@ -5,8 +5,9 @@ Two views, medians of interleaved repeats:
 - the product alone, on the per-sample-gradient matrices ``J`` (``[n·o, P]``) of the four conv
   layers of the CIFAR-shaped CNN in ``bench_kernels.py`` (n=64, o=10) and on the backward
   kernel factor of its MLP's 512-wide layers (n=256, o=10: ``[2560, 512]``);
-- the whole ``layer_tangent_kernels`` call on both ``bench_kernels.py`` models, with
-  ``self_gram`` swapped back to ``J @ J.T`` for the reference column.
+- the whole ``layer_tangent_kernels`` call on both ``bench_kernels.py`` models, inside
+  ``gram_leaf_rows(sys.maxsize)`` (every ``self_gram`` a plain ``J @ J.T``) for the reference
+  column.
 
 The blockwise form computes each off-diagonal block once (5/8 of the multiply-adds at 640
 rows, 1/2 + 1/2^(d+1) with d splits). Both columns give the same kernels up to rounding.
@@ -18,20 +19,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 from bench_kernels import CASES
 
-from lightning_probes.core.kernels import factors as kernels_factors
 from lightning_probes.core.kernels import layer_tangent_kernels
-from lightning_probes.core.kernels import tangent as kernels
-from lightning_probes.functional.linalg import self_gram
+from lightning_probes.functional.linalg import LEAF_ROWS, gram_leaf_rows, self_gram
 
-
-def plain(x: torch.Tensor, **_: int) -> torch.Tensor:
-    return x @ x.T
+PLAIN = sys.maxsize  # leaf rows with which self_gram is the plain product J @ J.T
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -47,23 +45,18 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def swap(fn: Callable[..., torch.Tensor]) -> None:
-    kernels_factors.self_gram = fn  # type: ignore[assignment]
-    kernels.self_gram = fn  # type: ignore[assignment]
-
-
-def bind(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], object]:
-    return lambda: fn(x)
+def gram(x: torch.Tensor, leaf_rows: int) -> Callable[[], object]:
+    return lambda: self_gram(x, leaf_rows=leaf_rows)
 
 
 def kernels_with(
-    fn: Callable[..., torch.Tensor], model: torch.nn.Module, x: torch.Tensor, names: list[str]
+    leaf_rows: int, model: torch.nn.Module, x: torch.Tensor, names: list[str]
 ) -> Callable[[], object]:
-    """``layer_tangent_kernels`` on the model with ``fn`` as the kernels' Gram product."""
+    """``layer_tangent_kernels`` on the model, its Gram products with ``leaf_rows``."""
 
     def call() -> object:
-        swap(fn)
-        return layer_tangent_kernels(model, x, layers=names)
+        with gram_leaf_rows(leaf_rows):
+            return layer_tangent_kernels(model, x, layers=names)
 
     return call
 
@@ -81,7 +74,7 @@ def main() -> None:
     for rows, cols in shapes:
         j = torch.randn(rows, cols, generator=gen)
         torch.testing.assert_close(self_gram(j), j @ j.T)
-        t = interleaved({"plain": bind(plain, j), "gram": bind(self_gram, j)}, args.repeats)
+        t = interleaved({"plain": gram(j, PLAIN), "gram": gram(j, LEAF_ROWS)}, args.repeats)
         label = f"J [{rows}, {cols}]"
         print(f"{label:34s} {t['plain'] * 1e3:13.1f} {t['gram'] * 1e3:15.1f} "
               f"{t['plain'] / t['gram']:5.2f}x")  # fmt: skip
@@ -91,11 +84,10 @@ def main() -> None:
         model, x, names = CASES[case](n)
 
         runs = {
-            key: kernels_with(fn, model, x, names)
-            for key, fn in (("plain", plain), ("gram", self_gram))
+            key: kernels_with(rows, model, x, names)
+            for key, rows in (("plain", PLAIN), ("gram", LEAF_ROWS))
         }
         t = interleaved(runs, args.repeats)
-        swap(self_gram)
         label = f"{case} (bench_kernels.py, n={n})"
         print(f"{label:34s} {t['plain']:13.3f} {t['gram']:15.3f} "
               f"{t['plain'] / t['gram']:5.2f}x")  # fmt: skip

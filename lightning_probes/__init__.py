@@ -12,8 +12,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it (imported on first access)
-_CALLBACKS = {
+# public name -> module that defines it (imported on first access); read by `pl` and `lightning`
+CALLBACKS = {
     "LossContributionCallback": "lightning_probes.callbacks.lca",
     "AblationAUCCallback": "lightning_probes.callbacks.ablation",
     "SelectivityCallback": "lightning_probes.callbacks.selectivity",
@@ -24,13 +24,13 @@ _CALLBACKS = {
     "ProbeSchedule": "lightning_probes.callbacks.schedule",
 }
 
-__all__ = [*_CALLBACKS, "__version__"]
+__all__ = [*CALLBACKS, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import lightning_probes.core` must not import Lightning (see DESIGN.md).
-    if name in _CALLBACKS:
-        return getattr(importlib.import_module(_CALLBACKS[name]), name)
+    if name in CALLBACKS:
+        return getattr(importlib.import_module(CALLBACKS[name]), name)
     raise AttributeError(f"module 'lightning_probes' has no attribute {name!r}")
 
 

@@ -27,9 +27,9 @@ except ImportError as err:  # pragma: no cover - exercised only without the pack
         "With `pytorch_lightning`, import the probes from `lightning_probes` instead."
     ) from err
 
-from lightning_probes import _CALLBACKS
+from lightning_probes import CALLBACKS
 
-__all__ = sorted(_CALLBACKS)
+__all__ = sorted(CALLBACKS)
 
 _cache: dict[str, type] = {}
 
@@ -44,10 +44,10 @@ def _for_lightning(cls: type) -> type:
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _CALLBACKS:
+    if name not in CALLBACKS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if name not in _cache:
-        original = getattr(importlib.import_module(_CALLBACKS[name]), name)
+        original = getattr(importlib.import_module(CALLBACKS[name]), name)
         _cache[name] = _for_lightning(original) if isinstance(original, type) else original
     return _cache[name]
 

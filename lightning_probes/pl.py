@@ -9,13 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 import lightning_probes
-from lightning_probes import _CALLBACKS
+from lightning_probes import CALLBACKS
 
-__all__ = sorted(_CALLBACKS)
+__all__ = sorted(CALLBACKS)
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _CALLBACKS:
+    if name not in CALLBACKS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(lightning_probes, name)
 

@@ -17,6 +17,28 @@ def test_functional_and_core_do_not_import_lightning():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_every_core_subpackage_and_module_does_not_import_lightning():
+    """Every module of ``core`` (each subpackage, recursively) and ``functional`` imported in one
+    fresh interpreter: Lightning stays unimported (if the union imports none, no part does)."""
+    code = (
+        "import sys, pkgutil, importlib\n"
+        "import lightning_probes.core as c, lightning_probes.functional as f\n"
+        "names = []\n"
+        "for pkg in (c, f):\n"
+        "    names += [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.')]\n"
+        "for name in names:\n"
+        "    importlib.import_module(name)\n"
+        "subpackages = {n for n in names if hasattr(sys.modules[n], '__path__')}\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('pytorch_lightning', 'lightning')]\n"
+        "print(len(names), sorted(subpackages))\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for sub in ("interventions", "kernels", "landscape", "lca", "nad"):
+        assert f"'lightning_probes.core.{sub}'" in result.stdout, result.stdout
+
+
 def test_top_level_exports_callbacks():
     import lightning_probes
 

@@ -57,8 +57,8 @@ from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import LossFn, OutputFn, probe_loss
 from lightning_probes.core.lca.allocation import (
     METHODS,
+    IntegrationRule,
     LCAResult,
-    Method,
     check_lca_arguments,
     loss_change_allocation,
 )
@@ -123,7 +123,7 @@ class LossContributionCallback(ProbeCallback):
     def __init__(
         self,
         *,
-        method: Method = "adaptive",
+        method: IntegrationRule = "adaptive",
         splits: int = 2,
         tolerance: float = 1e-3,
         max_splits: int = 32,

@@ -6,7 +6,9 @@ and Signal Propagation in Deep Neural Networks" (the "alignment hierarchy").
 
 Index convention (stated once): a kernel over ``n`` samples and ``o`` outputs is an
 ``(n·o, n·o)`` matrix whose row ``i·o + c`` belongs to sample ``i``, output ``c``; viewed as a
-4-tensor it is ``K[i, c, j, d]``. Two centrings are offered:
+4-tensor it is ``K[i, c, j, d]``. Two centrings are offered, both a projector :math:`C`
+applied by :func:`center` (labels :math:`C y`, Jacobians :math:`C J`) and, on both sides of a
+kernel, by :func:`center_kernel` (:math:`C K C`):
 
 - ``"samples"`` (the authors' code, the default): centre over samples separately for every pair
   of outputs, :math:`K_c = (H_n \otimes I_o) K (H_n \otimes I_o)`, :math:`H_n = I - 11^T/n`;
@@ -17,11 +19,12 @@ Index convention (stated once): a kernel over ``n`` samples and ``o`` outputs is
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from lightning_probes.functional.linalg import top_abs_eigenvalue
 
 Centering = Literal["samples", "full"]
 _CENTERINGS = ("samples", "full")
@@ -40,8 +43,51 @@ def _check_centering(centering: str) -> None:
         raise ValueError(f"`centering` can be {', '.join(_CENTERINGS)}, got {centering!r}.")
 
 
+def center(x: Tensor, centering: Centering = "samples", *, dim: int = 0) -> Tensor:
+    r"""Apply the centring projector :math:`C` to ``x`` along its sample and output axes.
+
+    .. math::
+        C = H_n \otimes I_o,\; H_n = I - \tfrac1n 11^T \quad (\text{samples}), \qquad
+        C = I - \tfrac{1}{on} 11^T \quad (\text{full}):
+
+    subtract each output's mean over the samples, or the mean over all samples and outputs. The
+    one centring behind :func:`centered_labels` (:math:`C y`), the centred Jacobians and
+    implicit :math:`K_c u = C K C u` of :mod:`lightning_probes.core.kernels`; a kernel's two
+    sides at once: :func:`center_kernel`.
+
+    Args:
+        x: ``[..., n, o, ...]`` with samples on axis ``dim`` and outputs on ``dim + 1`` (a
+            ``[n·o, k]`` block in the kernel's row order is ``x.view(n, o, k)``).
+        centering: ``"samples"`` (authors' code) or ``"full"`` (paper eq. (6)).
+        dim: Axis of the samples; the outputs follow it.
+
+    Returns:
+        :math:`C x`, same shape and dtype.
+
+    Raises:
+        ValueError: For an unknown ``centering`` or no output axis after ``dim``.
+
+    Example:
+        >>> y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+        >>> center(y)[0].tolist(), center(y, "full").sum().item()
+        ([0.5, -0.5], 0.0)
+    """
+    _check_centering(centering)
+    axis = dim % x.ndim if x.ndim else dim
+    if not 0 <= axis < x.ndim - 1:
+        raise ValueError(
+            f"Expected `x` to have samples on axis `dim` and outputs on `dim + 1`, got "
+            f"dim={dim} for shape {tuple(x.shape)}."
+        )
+    if centering == "samples":
+        return x - x.mean(dim, keepdim=True)
+    return x - x.mean((axis, axis + 1), keepdim=True)
+
+
 def center_kernel(kernel: Tensor, num_outputs: int, centering: Centering = "samples") -> Tensor:
     r"""Centre a tangent kernel over samples per output pair, or over all entries.
+
+    Both sides of :func:`center` at once (one pass, same rounding as before the split).
 
     .. math::
         K_c = (H_n \otimes I_o)\,K\,(H_n \otimes I_o) \quad (\text{samples}), \qquad
@@ -106,8 +152,7 @@ def centered_labels(
             f"Expected `targets` to be [n] class indices or [n, {num_classes}] floats, got "
             f"shape {tuple(targets.shape)} ({targets.dtype})."
         )
-    y = y - y.mean(0, keepdim=True) if centering == "samples" else y - y.mean()
-    return y.reshape(-1)
+    return center(y, centering).reshape(-1)
 
 
 def kernel_label_alignment(
@@ -197,20 +242,20 @@ def centered_kernel_alignment(
 def stable_rank(matrix: Tensor, *, exact_below: int = 128, tol: float = 1e-7) -> Tensor:
     r"""Stable rank :math:`R = \|M\|_F^2 / \|M\|_2^2` of a symmetric matrix (Lou et al., App. G.1).
 
-    The spectral norm comes from ``eigvalsh`` for ``N <= exact_below``; above, from a block
-    subspace iteration with Rayleigh-Ritz (8 vectors, seeded, relative tolerance ``tol`` on the
-    top eigenvalue), which needs only matrix products.
+    The spectral norm comes from ``eigvalsh`` for ``N <= exact_below``; above, from block
+    Lanczos (:func:`~lightning_probes.functional.linalg.top_abs_eigenvalue`: 8 seeded start
+    vectors, relative tolerance ``tol`` on the top eigenvalue), which needs only products.
 
     Args:
         matrix: ``(N, N)`` symmetric (e.g. a centred kernel :math:`K_c`).
         exact_below: Size up to which the full spectrum is computed.
-        tol: Convergence tolerance of the subspace iteration.
+        tol: Relative convergence tolerance of the block Lanczos iteration.
 
     Returns:
         A 0-d tensor in ``[1, rank(M)]`` (NaN for the zero matrix).
 
     Example:
-        >>> float(stable_rank(torch.diag(torch.tensor([2.0, 1.0, 1.0]))))
+        >>> round(float(stable_rank(torch.diag(torch.tensor([2.0, 1.0, 1.0])))), 6)
         1.5
     """
     _check_kernel(matrix, "matrix")
@@ -228,58 +273,6 @@ def spectral_norm_symmetric(
     return top_abs_eigenvalue(
         matrix.__matmul__, n, dtype=matrix.dtype, device=matrix.device, tol=tol, max_iter=max_iter
     )
-
-
-def top_abs_eigenvalue(
-    matmul: Callable[[Tensor], Tensor],
-    size: int,
-    *,
-    dtype: torch.dtype,
-    device: torch.device,
-    block: int = 8,
-    tol: float = 1e-7,
-    max_iter: int = 300,
-) -> Tensor:
-    r"""Largest absolute eigenvalue of a symmetric operator ``u -> M u`` (``[size, k]`` blocks).
-
-    Block Lanczos (a block Krylov basis
-    :math:`[V, MV, M^2V, \dots]`, fully re-orthogonalised, with Rayleigh-Ritz on it; ``block``
-    seeded random start vectors), stopped when the extreme Ritz value changes by at most
-    ``tol`` relative between two steps, or when the basis spans the whole space (then exact).
-    Only products with ``M`` are needed, so ``M`` may be implicit (e.g. a centred kernel, or one
-    streamed in blocks). The Ritz values of a growing Krylov basis tend to the extreme
-    eigenvalues at a rate set by the square root of the spectral gap, far faster than subspace
-    iteration (Golub & Van Loan, *Matrix Computations*, sec. 10.1 and 10.3).
-
-    ``max_iter`` bounds the number of block products (the basis holds at most
-    ``block * (max_iter + 1)`` vectors).
-    """
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    v = torch.randn(size, min(block, size), generator=generator, dtype=dtype).to(device)
-    q = torch.linalg.qr(v).Q
-    basis, images = [q], []
-    last = torch.zeros((), dtype=dtype, device=device)
-    top = last
-    for _ in range(max_iter + 1):
-        images.append(matmul(basis[-1]))
-        qs, ws = torch.cat(basis, 1), torch.cat(images, 1)
-        small = qs.T @ ws
-        top = torch.linalg.eigvalsh((small + small.T) / 2).abs().max()
-        if (top - last).abs() <= tol * top or qs.shape[1] >= size:
-            break
-        last = top
-        w = images[-1]
-        for _ in range(2):  # classical Gram-Schmidt twice: orthogonal to working precision
-            w = w - qs @ (qs.T @ w)
-        w = w[:, : size - qs.shape[1]]
-        # an orthonormal basis of span(w) only (left singular vectors of the non-zero singular
-        # values): a rank-deficient block must not bring in directions outside the Krylov space
-        u, sv, _ = torch.linalg.svd(w, full_matrices=False)
-        keep = sv > size * torch.finfo(dtype).eps * max(float(ws.abs().max()), 1e-300)
-        if not bool(keep.any()):  # invariant subspace found: its Ritz values are exact
-            break
-        basis.append(u[:, keep])
-    return top
 
 
 def _num_samples(kernel: Tensor, num_outputs: int) -> int:

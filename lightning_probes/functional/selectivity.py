@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torchmetrics.functional import pearson_corrcoef
 
 
 def class_conditional_means(
@@ -89,6 +90,10 @@ def binned_mutual_information(
     with empirical (plug-in) probabilities. Morcos et al. (2018, appendix A.5) compare it with
     class selectivity as a predictor of a unit's importance.
 
+    All units at once, in bits. (``torchmetrics``' ``mutual_info_score`` takes one pair of
+    label vectors per call, in nats, with a different summation: a loop over the units that
+    changes the numbers.)
+
     Args:
         activity: ``[n, u]`` unit activity.
         targets: ``[n]`` class indices.
@@ -120,6 +125,12 @@ def spearman_correlation(x: Tensor, y: Tensor) -> Tensor:
 
     .. math:: \rho = \frac{\mathrm{cov}(R(x), R(y))}{\sigma_{R(x)} \sigma_{R(y)}}
 
+    In float64: average ranks here (ties share the mean of their ranks), their Pearson
+    correlation by ``torchmetrics``' :func:`~torchmetrics.functional.pearson_corrcoef`.
+    (``torchmetrics``' own ``spearman_corrcoef`` is not used: it adds ``1e-6`` to the
+    denominator, clamps to ``[-1, 1]`` and returns 0 for a constant input, where the
+    correlation is undefined.)
+
     Args:
         x: ``[u]`` values.
         y: ``[u]`` values.
@@ -132,11 +143,9 @@ def spearman_correlation(x: Tensor, y: Tensor) -> Tensor:
         tensor(1., dtype=torch.float64)
     """
     rx, ry = _average_ranks(x), _average_ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = (rx.square().sum() * ry.square().sum()).sqrt()
-    if x.numel() < 2 or float(denom) == 0.0:
+    if x.numel() < 2 or bool((rx == rx[0]).all()) or bool((ry == ry[0]).all()):
         return torch.tensor(float("nan"), dtype=torch.float64)
-    return (rx * ry).sum() / denom
+    return pearson_corrcoef(rx, ry)
 
 
 def _average_ranks(x: Tensor) -> Tensor:

@@ -16,8 +16,8 @@ from lightning_probes.functional.alignment import (
     centered_kernel_alignment,
     kernel_label_alignment,
     stable_rank,
-    top_abs_eigenvalue,
 )
+from lightning_probes.functional.linalg import top_abs_eigenvalue
 
 
 def np_alignment(K, labels, o, centering):

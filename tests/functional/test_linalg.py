@@ -71,3 +71,44 @@ def test_kernels_with_split_diagonal_blocks_match_reference(method):
     want = reference_kernels(model, x, names)
     for name in names:
         torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-10)
+
+
+def test_gram_leaf_rows_chooses_the_plain_product_in_scope():
+    import sys
+
+    from lightning_probes.functional.linalg import LEAF_ROWS, gram_leaf_rows
+
+    x = torch.randn(600, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    blockwise = self_gram(x)
+    with gram_leaf_rows(sys.maxsize):
+        assert torch.equal(self_gram(x), x @ x.T)
+        assert torch.equal(self_gram(x, leaf_rows=LEAF_ROWS), blockwise)  # explicit wins
+    assert torch.equal(self_gram(x), blockwise)
+    with (
+        pytest.raises(ValueError, match="Expected `rows` to be a positive int, got 0"),
+        gram_leaf_rows(0),
+    ):
+        pass
+
+
+@pytest.mark.parametrize("block", [1, 3, 8])
+def test_block_lanczos_ritz_values_against_eigvalsh(block):
+    from lightning_probes.functional.linalg import block_lanczos
+
+    gen = torch.Generator().manual_seed(block)
+    q, _ = torch.linalg.qr(torch.randn(50, 50, generator=gen, dtype=torch.float64))
+    spectrum = torch.cat([torch.tensor([-9.0, 7.0, 6.0]), torch.rand(47, generator=gen) - 0.5])
+    a = (q * spectrum.double()) @ q.T
+    start = torch.randn(50, block, generator=gen, dtype=torch.float64)
+    # the whole space: every eigenvalue, exactly
+    ritz = block_lanczos(a.__matmul__, start, max_iter=50)
+    torch.testing.assert_close(ritz, torch.linalg.eigvalsh(a), rtol=1e-10, atol=1e-10)
+    # a tolerance: the extreme eigenvalue converges first
+    ritz = block_lanczos(a.__matmul__, start, max_iter=50, tol=1e-12)
+    assert ritz.numel() < 50
+    torch.testing.assert_close(ritz.abs().max(), torch.tensor(9.0, dtype=torch.float64))
+    # a rank-2 operator: an invariant subspace stops the iteration early
+    low = (q[:, :2] * torch.tensor([3.0, 1.0], dtype=torch.float64)) @ q[:, :2].T
+    ritz = block_lanczos(low.__matmul__, start[:, :1], max_iter=20)
+    assert ritz.numel() == 3
+    torch.testing.assert_close(ritz[-2:], torch.tensor([1.0, 3.0], dtype=torch.float64))

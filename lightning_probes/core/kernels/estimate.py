@@ -32,7 +32,7 @@ from torch.func import functional_call, jvp, vjp, vmap
 from lightning_probes.core.evaluation import OutputFn, as_logits
 from lightning_probes.core.kernels.capture import check_batchnorm_eval
 from lightning_probes.core.kernels.tangent import Layers, resolve_layers
-from lightning_probes.functional.alignment import Centering, centered_labels
+from lightning_probes.functional.alignment import Centering, center, centered_labels
 
 
 @dataclass
@@ -118,11 +118,11 @@ def _estimate_layer(
     g = pullback(y.view(n, o))[0]
     energy = torch.stack([v.double().square().sum() for v in g.values()]).sum()
     signs = torch.randint(0, 2, (num_probes, n, o), generator=gen) * 2 - 1
-    v = _center(signs.to(logits), centering)
+    v = center(signs.to(logits), centering, dim=-2)
 
     def k_times(u: Tensor) -> Tensor:
         w = pullback(u)[0]
-        return _center(jvp(f, (own,), (w,))[1], centering)
+        return center(jvp(f, (own,), (w,))[1], centering, dim=-2)
 
     # all probes at once (vmap over the probe axis): ``m`` vjp/jvp pairs in batched calls
     kv = vmap(k_times, chunk_size=probe_chunk)(v)
@@ -131,9 +131,3 @@ def _estimate_layer(
     std_error = sq.std() / num_probes**0.5 / (2 * frob)
     alignment = energy / (frob * y.double().square().sum())
     return AlignmentEstimate(alignment, frob, std_error, energy)
-
-
-def _center(m: Tensor, centering: Centering) -> Tensor:
-    if centering == "samples":
-        return m - m.mean(-2, keepdim=True)
-    return m - m.mean((-2, -1), keepdim=True)

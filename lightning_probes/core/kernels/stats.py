@@ -28,10 +28,10 @@ from lightning_probes.core.kernels.factors import AffineFactors, LayerFactors, s
 from lightning_probes.core.kernels.tangent import KernelMethod, Layers, tangent_kernel_factors
 from lightning_probes.functional.alignment import (
     Centering,
+    center,
     centered_labels,
-    top_abs_eigenvalue,
 )
-from lightning_probes.functional.linalg import self_gram
+from lightning_probes.functional.linalg import self_gram, top_abs_eigenvalue
 
 
 @dataclass
@@ -73,7 +73,7 @@ def kernel_statistics(
         centering: ``"samples"`` (authors' code) or ``"full"`` (paper eq. (6)).
         chunk_size: Samples per block (``None``: one block, the whole kernel).
         stable_rank: Compute the stable rank. Exact from the kernel without ``chunk_size``;
-            with it, by subspace iteration whose every step streams all blocks again (costly).
+            with it, by block Lanczos whose every step streams all blocks again (costly).
         keep_kernel: Also return the kernel (only without ``chunk_size``).
 
     Returns:
@@ -154,11 +154,7 @@ def _statistics_from_rows(
     n, o = y.shape
     j = rows.to(f64)
     trace = j.square().sum()
-    if centering == "samples":
-        j3 = j.view(n, o, -1)
-        jc = (j3 - j3.mean(0, keepdim=True)).view(n * o, -1)
-    else:
-        jc = j - j.mean(0, keepdim=True)
+    jc = center(j.view(n, o, -1), centering).view(n * o, -1)
     gram = self_gram(jc.T)
     frob2 = gram.square().sum()
     frob = frob2.sqrt()
@@ -269,17 +265,14 @@ def _top_eigenvalue(
     """Top eigenvalue of :math:`K_c` by block Lanczos, centring implicitly.
 
     :math:`K_c u = C K C u` with :math:`C` the centring projector, so ``K_c`` is never formed
-    (:func:`~lightning_probes.functional.alignment.top_abs_eigenvalue` only needs products).
+    (:func:`~lightning_probes.functional.linalg.top_abs_eigenvalue` only needs products).
     """
 
-    def center(m: Tensor) -> Tensor:
-        if centering == "full":
-            return m - m.mean(0, keepdim=True)
-        m3 = m.view(n, o, -1)
-        return (m3 - m3.mean(0, keepdim=True)).view(n * o, -1)
+    def center_rows(m: Tensor) -> Tensor:  # C m for a [n·o, k] block
+        return center(m.view(n, o, -1), centering).view(n * o, -1)
 
     return top_abs_eigenvalue(
-        lambda u: center(matmul(center(u))),
+        lambda u: center_rows(matmul(center_rows(u))),
         n * o,
         dtype=torch.float64,
         device=device,

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import LossFn, OutputFn, as_logits, call_model, chunks
 from lightning_probes.core.evaluation import default_loss as _default_loss
+from lightning_probes.functional.linalg import block_lanczos
 
 
 def hessian_vector_product(
@@ -83,9 +84,10 @@ def lanczos_top_eigenvalues(
 ) -> Tensor:
     r"""Largest ``k`` eigenvalues of a symmetric operator by Lanczos with full re-orthogonalisation.
 
-    Builds an orthonormal Krylov basis :math:`Q_m` of :math:`\{q_1, Aq_1, \dots\}` and the
-    tridiagonal :math:`T_m = Q_m^\top A Q_m`; the Ritz values (eigenvalues of :math:`T_m`)
-    converge to the extreme eigenvalues of :math:`A` first, exactly when ``m == dim``.
+    :func:`~lightning_probes.functional.linalg.block_lanczos` with a block of one vector: an
+    orthonormal Krylov basis :math:`Q_m` of :math:`\{q_1, Aq_1, \dots\}` and the Ritz values
+    of :math:`Q_m^\top A Q_m`, which converge to the extreme eigenvalues of :math:`A` first,
+    exactly when ``m == dim``.
 
     Args:
         matvec: ``v [dim] -> A v [dim]`` for a symmetric ``A``.
@@ -108,30 +110,9 @@ def lanczos_top_eigenvalues(
     m = min(dim, max(2 * k + 20, 40)) if num_iters is None else num_iters
     if not isinstance(m, int) or not k <= m <= dim:
         raise ValueError(f"Expected `num_iters` to be an int in [k={k}, dim={dim}], got {m!r}.")
-    q = torch.randn(dim, generator=generator, dtype=torch.float64).to(device, dtype)
-    q = q / q.norm()
-    basis = [q]
-    alphas: list[float] = []
-    betas: list[float] = []
-    for j in range(m):
-        w = matvec(basis[j]).to(dtype)
-        alpha = float(w @ basis[j])
-        alphas.append(alpha)
-        # full re-orthogonalisation (twice is enough) against the whole basis
-        Q = torch.stack(basis)
-        for _ in range(2):
-            w = w - Q.T @ (Q @ w)
-        beta = float(w.norm())
-        if j == m - 1 or beta <= 1e-10 * max(1.0, abs(alpha)):
-            break
-        betas.append(beta)
-        basis.append(w / beta)
-    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if betas:
-        off = torch.tensor(betas, dtype=torch.float64)
-        t = t + torch.diag(off, 1) + torch.diag(off, -1)
-    ritz = torch.linalg.eigvalsh(t).flip(0)
-    return ritz[:k]
+    q = torch.randn(dim, 1, generator=generator, dtype=torch.float64).to(device, dtype)
+    ritz = block_lanczos(lambda v: matvec(v[:, 0]).to(dtype)[:, None], q, max_iter=m - 1)
+    return ritz.flip(0)[:k].to(torch.float64)
 
 
 def hessian_top_eigenvalues(

@@ -5,8 +5,8 @@ The public names of ``lightning_probes.core.lca`` are re-exported here.
 
 from lightning_probes.core.lca.allocation import (
     METHODS,
+    IntegrationRule,
     LCAResult,
-    Method,
     check_lca_arguments,
     loss_change_allocation,
 )
@@ -21,9 +21,9 @@ from lightning_probes.core.lca.gradients import (
 __all__ = [
     "METHODS",
     "AutogradLossAndGrad",
+    "IntegrationRule",
     "LCAResult",
     "LossAndGradFn",
-    "Method",
     "ModelLossAndGrad",
     "ParamLossFn",
     "check_lca_arguments",

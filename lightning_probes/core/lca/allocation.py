@@ -49,7 +49,7 @@ from lightning_probes.core.lca.gradients import (
 )
 from lightning_probes.functional.lca import block_size, relative_error, sum64
 
-Method = Literal["first_order", "simpson", "adaptive"]
+IntegrationRule = Literal["first_order", "simpson", "adaptive"]
 METHODS: tuple[str, ...] = ("first_order", "simpson", "adaptive")
 
 
@@ -92,7 +92,7 @@ def loss_change_allocation(
     before: Mapping[str, Tensor],
     after: Mapping[str, Tensor],
     *,
-    method: Method = "adaptive",
+    method: IntegrationRule = "adaptive",
     splits: int = 2,
     tolerance: float = 1e-3,
     max_splits: int = 32,

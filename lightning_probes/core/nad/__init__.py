@@ -7,7 +7,6 @@ The public names of ``lightning_probes.core.nad`` are re-exported here.
 """
 
 from lightning_probes.core.nad.directions import (
-    Method,
     ModelFactory,
     NADResult,
     fresh_network_factory,
@@ -15,9 +14,10 @@ from lightning_probes.core.nad.directions import (
     network_gradients,
     neural_anisotropy_directions,
 )
+from lightning_probes.core.nad.evaluator import GradientEstimator
 
 __all__ = [
-    "Method",
+    "GradientEstimator",
     "ModelFactory",
     "NADResult",
     "fresh_network_factory",

@@ -35,18 +35,16 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from lightning_probes.core.nad.evaluator import ChunkEvaluator, network_state
+from lightning_probes.core.nad.evaluator import ChunkEvaluator, GradientEstimator, network_state
 from lightning_probes.core.nad.evaluator import (  # re-exported: `core.nad` is its public home
     input_gradient_energy as input_gradient_energy,
 )
 from lightning_probes.functional.nad import SVDMethod, principal_axes
 
-Method = Literal["secant", "autograd"]
 ModelFactory = Callable[[], nn.Module]
 
 
@@ -78,7 +76,7 @@ def neural_anisotropy_directions(
     input_shape: Sequence[int],
     *,
     num_networks: int,
-    method: Method = "secant",
+    method: GradientEstimator = "secant",
     step: float = 100.0,
     eval_point: Tensor | None = None,
     k: int | None = None,
@@ -164,7 +162,7 @@ def network_gradients(
     input_shape: Sequence[int],
     *,
     num_networks: int,
-    method: Method = "secant",
+    method: GradientEstimator = "secant",
     step: float = 100.0,
     eval_point: Tensor | None = None,
     generator: torch.Generator | None = None,

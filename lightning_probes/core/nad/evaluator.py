@@ -21,7 +21,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +30,8 @@ from torch.func import functional_call, vmap
 from lightning_probes.core.nad.first_layer import FirstLayer, find_first_layer
 from lightning_probes.core.nad.local import LocalPrefix, find_local_prefix
 
-if TYPE_CHECKING:
-    from lightning_probes.core.nad.directions import Method
+GradientEstimator = Literal["secant", "autograd"]
+"""How a network's input gradient is taken: the authors' central differences, or autograd."""
 
 
 def input_gradient_energy(
@@ -87,7 +87,7 @@ class ChunkEvaluator:
         self,
         template: nn.Module,
         x0: Tensor,
-        method: Method,
+        method: GradientEstimator,
         step: float,
         proj_seed: int,
         device: torch.device | str | None,
