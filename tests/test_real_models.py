@@ -91,6 +91,14 @@ def test_lca_on_a_language_model_logs_token_level_losses(tmp_path):
     assert log.values_of("probes/lca/true_delta_loss")[-1] == pytest.approx(
         loss_after - loss_before, rel=1e-3, abs=1e-6
     )
+    # lm_head's weight is wte's (tied): LCA counts the shared parameter once, so the layers'
+    # allocations add up to the total and no layer is logged for the tied lm_head
+    keys = {k for _, m in log.records for k in m if k.endswith("/lc") and k != "probes/lca/lc"}
+    assert (
+        "probes/lca/model.lm_head/lc" not in keys and "probes/lca/model.transformer.wte/lc" in keys
+    )
+    total = sum(log.values_of(k)[-1] for k in keys)
+    assert total == pytest.approx(log.values_of("probes/lca/lc")[-1], rel=1e-4, abs=1e-7)
 
 
 class _EvalDropout(nn.Module):
