@@ -58,6 +58,9 @@ def isolated(model: nn.Module, *, grad: bool = True, eval_mode: bool = True) -> 
     requires = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    # a forward that re-binds a buffer (`self.calls = self.calls + 1`) replaces the tensor in
+    # the module's `_buffers`, so the bindings are restored as well as the values
+    bindings = [(m, dict(m._buffers)) for m in model.modules()]
     hook_keys = [
         (m, {name: set(getattr(m, name, {})) for name in _HOOK_DICTS}) for m in model.modules()
     ]
@@ -85,6 +88,9 @@ def isolated(model: nn.Module, *, grad: bool = True, eval_mode: bool = True) -> 
         for p, req, g in zip(params, requires, grads):
             p.requires_grad_(req)
             p.grad = g
+        for m, bound in bindings:
+            m._buffers.clear()
+            m._buffers.update(bound)
         with torch.no_grad():
             for b, saved in buffers:
                 if b.shape == saved.shape:

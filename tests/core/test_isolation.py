@@ -77,3 +77,27 @@ def test_compiled_submodules_run_eager_inside_and_hooks_fire():
     assert rec["relu"].calls == 1 and torch.equal(rec["relu"].output, torch.relu(net[0](x)))
     assert torch.allclose(out, expected)
     assert outer[0].forward is compiled_forward
+
+
+def test_buffers_rebound_in_forward_are_restored():
+    """`self.calls = self.calls + 1` binds a new tensor to the buffer's name; leaving the
+    isolated scope must restore the original tensor object and its value."""
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls = self.calls + 1
+            return self.fc(x)
+
+    net = Counting()
+    original = net.calls
+    with isolated(net):
+        net(torch.randn(3, 2))
+        net(torch.randn(3, 2))
+        assert float(net.calls) == 2
+    assert net.calls is original and float(net.calls) == 0
+    assert dict(net.named_buffers())["calls"] is original
