@@ -153,6 +153,36 @@ def check_probe_targets(
             "measures accuracy or class-conditional statistics and does not apply to "
             "regression; pass integer labels via `probe_data=` or `batch_to_inputs_targets=`."
         )
+    bad = nonfinite_samples(data)
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        raise ValueError(
+            f"{owner}: {len(bad)} probe sample(s) hold NaN or infinite inputs or targets "
+            f"(indices {shown} of the probe set). Every probe value would be contaminated by "
+            "them (an ablation curve's accuracy, a kernel's eigenvalues); pass `probe_data=` "
+            "without them, or clean the training data."
+        )
+
+
+def nonfinite_samples(data: ProbeSet) -> list[int]:
+    """Indices of probe samples whose floating-point inputs or targets are not all finite."""
+    flags: Tensor | None = None
+    for t in [*tensors_of(data.inputs), *tensors_of(data.targets)]:
+        if t.is_floating_point() and t.ndim > 0:
+            row = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+            flags = row if flags is None else flags | row.to(flags.device)
+    return [] if flags is None else flags.nonzero().flatten().tolist()
+
+
+def tensors_of(value: Any) -> list[Tensor]:
+    """Every tensor in a tensor, tuple/list or dict (nested), in order."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in tensors_of(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in tensors_of(v)]
+    return []
 
 
 def check_finite_metrics(metrics: Mapping[str, float | Tensor]) -> None:
