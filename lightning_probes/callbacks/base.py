@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Literal
 
-from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -37,6 +37,7 @@ from lightning_probes.callbacks.shared import (
     release_shared_work,
     shared_work,
 )
+from lightning_probes.callbacks.state import ProbeState
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import BatchToInputsTargets, ProbeSet, probe_set_from_tensors
 from lightning_probes.core.isolation import isolated
@@ -47,7 +48,7 @@ OnError = Literal["warn", "raise"]
 __all__ = ["NonFiniteValueError", "OnError", "ProbeCallback"]
 
 
-class ProbeCallback(Callback):
+class ProbeCallback(ProbeState):
     """Base class of every probe: schedule, probe set, isolation, logging, state.
 
     Subclasses set :attr:`probe_name` (the ``<probe>`` of metric keys), :attr:`needs_grad`
@@ -130,27 +131,6 @@ class ProbeCallback(Callback):
 
     # ------------------------------------------------------------------ configuration
     @property
-    def state_key(self) -> str:
-        """Unique per probe type and configuration, so two probes of a type can coexist.
-
-        Built once, from the configuration given to the constructor: Lightning reads it at
-        every hook call (for its profiler), so it must cost nothing.
-        """
-        key = self.__dict__.get("_state_key")
-        if key is None:
-            key = self._state_key = self._generate_state_key(**self._state_key_config())
-        return key
-
-    def _state_key_config(self) -> dict[str, Any]:
-        """Configuration that distinguishes two instances of the same probe (override to add)."""
-        return {
-            "every_n_steps": self.schedule.every_n_steps,
-            "every_n_epochs": self.schedule.every_n_epochs,
-            "at_steps": self.schedule.at_steps,
-            "start_step": self.schedule.start_step,
-        }
-
-    @property
     def max_overhead(self) -> float | None:
         """The wall-time budget, a fraction of the rest of the run (``None``: unlimited)."""
         return self._budget.max_overhead
@@ -206,6 +186,7 @@ class ProbeCallback(Callback):
         with isolated(pl_module, grad=False):
             # configuration errors surface here, once, before any training step
             self.validate(pl_module, self._probe_set)
+        self.check_restored_parameters(pl_module)
         self.on_probe_set_ready(trainer, pl_module, self._probe_set)
         if self.evaluates_loss:  # LossFn and OutputFn of the subclass, checked on 2 samples
             fns = [getattr(self, k, None) for k in ("loss_fn", "output_fn")]
@@ -238,16 +219,6 @@ class ProbeCallback(Callback):
         ):
             self._run(trainer, pl_module, on_step=False)
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"runs": self._runs, "last_step": self._last_step, **self.extra_state()}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._runs = int(state_dict.get("runs", 0))
-        self._last_step = int(state_dict.get("last_step", -1))
-        self.load_extra_state(state_dict)
-
     # ------------------------------------------------------------------ for subclasses
     def probe(self, trainer: Trainer, pl_module: LightningModule, data: ProbeSet) -> None:
         """Compute and log the probe's quantities (runs inside an isolated scope)."""
@@ -268,13 +239,6 @@ class ProbeCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, data: ProbeSet
     ) -> None:
         """Called once at the start of fitting, with the probe set on the model's device."""
-
-    def extra_state(self) -> dict[str, Any]:
-        """Subclass state for checkpoints: tensors and primitives only."""
-        return {}
-
-    def load_extra_state(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`extra_state` returned."""
 
     def log_scalars(
         self, trainer: Trainer, pl_module: LightningModule, metrics: Mapping[str, float | Tensor]

@@ -131,6 +131,7 @@ class LandscapeCallback(ProbeCallback):
     needs_grad = False
     needs_targets = True
     evaluates_loss = True
+    parameter_states = ("init",)
     default_schedule: ClassVar[dict[str, Any]] = {"every_n_steps": 50}
 
     def __init__(

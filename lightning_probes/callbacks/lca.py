@@ -118,6 +118,7 @@ class LossContributionCallback(ProbeCallback):
     needs_grad: ClassVar[bool] = True
     needs_targets: ClassVar[bool] = True
     evaluates_loss: ClassVar[bool] = True
+    parameter_states: ClassVar[tuple[str, ...]] = ("cumulative",)
     default_schedule: ClassVar[dict[str, Any]] = {"every_n_steps": 1}
 
     def __init__(

@@ -261,12 +261,30 @@ def test_state_dict_round_trip_through_checkpoint_weights_only(tmp_path):
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
     fit(tmp_path, [probe, ckpt], max_steps=5, enable_checkpointing=True)
     raw = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
-    assert raw["callbacks"][probe.state_key] == {"runs": 2, "last_step": 4}
+    assert raw["callbacks"][probe.state_key] == {
+        "runs": 2,
+        "last_step": 4,
+        "identity": "MeddlingProbe{}",
+    }
     resumed = MeddlingProbe(every_n_steps=2, probe_size=4)
     pl.seed_everything(0, verbose=False)
     trainer = make_trainer(tmp_path / "r", [resumed], max_steps=8)
     trainer.fit(TinyClassifier(), make_loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert resumed.seen_steps == [6, 8] and resumed._runs == 4
+
+
+def test_resume_with_a_new_schedule_restores_the_state(tmp_path):
+    """The state key includes the schedule; a probe resumed with another `every_n_steps` finds
+    its state by type and schedule-free configuration (it used to start afresh silently)."""
+    probe = MeddlingProbe(every_n_steps=2, probe_size=4)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    fit(tmp_path, [probe, ckpt], max_steps=5, enable_checkpointing=True)
+    resumed = MeddlingProbe(every_n_steps=3, probe_size=4)
+    assert resumed.state_key != probe.state_key
+    trainer = make_trainer(tmp_path / "r", [resumed], max_steps=9)
+    with pytest.warns(UserWarning, match="restored its state .* schedule changed"):
+        trainer.fit(TinyClassifier(), make_loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed._runs == 2 + len(resumed.seen_steps) and resumed.seen_steps == [6, 9]
 
 
 def test_state_keys_differ_by_configuration():
@@ -322,3 +340,37 @@ def test_state_key_is_built_once_since_lightning_reads_it_at_every_hook(tmp_path
     probe = Counting(every_n_steps=2)
     make_trainer(tmp_path, [probe], max_steps=4).fit(TinyClassifier(), make_loader())
     assert Counting.built == 1 and "Counting{'every_n_steps': 2" in probe.state_key
+
+
+def test_restored_per_parameter_state_is_checked(tmp_path):
+    """A transposed (square) or missing tensor in LCA's cumulative allocation used to give a
+    silently wrong cumulative LC; now the edit is refused on load and a mismatch with the
+    model's parameters at fit start, each naming the tensors."""
+    import lightning_probes as lp
+
+    def run(root, ckpt_path=None, steps=3, module=None):
+        lca = lp.LossContributionCallback(every_n_steps=1, probe_size=16, on_error="raise")
+        ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+        trainer = make_trainer(root, [lca, ckpt], max_steps=steps, enable_checkpointing=True)
+        trainer.fit(module or TinyClassifier(hidden=16), make_loader(), ckpt_path=ckpt_path)
+        return lca
+
+    lca = run(tmp_path / "a")
+    path = tmp_path / "ckpt" / "last.ckpt"
+    raw = torch.load(path, weights_only=True)
+    cum = raw["callbacks"][lca.state_key]["cumulative"]
+    square = "net.3.weight"  # Linear(16, 16): a transposed copy has the same shape
+    cum[square] = cum[square].T.contiguous()
+    torch.save(raw, tmp_path / "edited.ckpt")
+    with pytest.raises(ValueError, match=r"`cumulative` was changed after it was saved.*net\.3"):
+        run(tmp_path / "b", str(tmp_path / "edited.ckpt"), steps=5)
+    # without fingerprints (a checkpoint edited by hand): missing and reshaped tensors are
+    # found against the model's parameters at fit start
+    state = raw["callbacks"][lca.state_key]
+    del state["fingerprints"]
+    cum[square] = cum[square].T.contiguous()  # back to the saved layout
+    del cum["net.0.bias"]
+    cum["net.0.weight"] = cum["net.0.weight"].T.contiguous()  # [16, 8] -> [8, 16]
+    torch.save(raw, tmp_path / "edited2.ckpt")
+    with pytest.raises(ValueError, match=r"missing: net\.0\.bias; shaped differently: net\.0"):
+        run(tmp_path / "c", str(tmp_path / "edited2.ckpt"), steps=5)
