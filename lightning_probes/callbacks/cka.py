@@ -142,6 +142,8 @@ class LayerCKACallback(ProbeCallback):
         # the real capture on two samples: a layer called twice, BatchNorm in train mode or a
         # dict output without `output_fn` fail here, before training starts
         inputs = chunks(data, 2)[0][0]
+        if self.layers is None:  # the default layers that run (not MHA's out_proj), untied
+            self._layer_names = list(resolve_layers(pl_module, None, inputs=inputs))
         with torch.enable_grad():
             tangent_kernel_factors(
                 pl_module,

@@ -152,7 +152,8 @@ def sample_axes(model: nn.Module, inputs: Any, layers: Mapping[str, nn.Module]) 
             raise ValueError(
                 f"Expected layer {name!r} to run exactly once per forward, got {len(outs)} "
                 "calls. A module called twice shares its weights between two places (or is "
-                "unused), so its per-layer tangent kernel is ill-defined." + NOT_A_MODULE_CALL
+                "unused), so its per-layer tangent kernel is ill-defined."
+                + NOT_A_MODULE_CALL
                 + " Exclude it with `layers=`."
             )
         if not isinstance(outs[0], Tensor):

@@ -61,9 +61,7 @@ _METHODS = ("auto", "gram", "jacobian", "func")
 Layers = LayerSelection  # the kernels' name for a layer selection (re-exported)
 
 
-def resolve_layers(
-    model: nn.Module, layers: Layers, *, inputs: Any = None
-) -> dict[str, nn.Module]:
+def resolve_layers(model: nn.Module, layers: Layers, *, inputs: Any = None) -> dict[str, nn.Module]:
     """``{name: module}`` from names/globs, a ready mapping, or ``None`` (the default layers).
 
     The default layers are the registry's weight layers (Linear, Conv, HF ``Conv1D``) with
