@@ -163,8 +163,8 @@ def _register_builtins() -> None:
         register(t, PoolOps())
     for t in DROPOUTS:
         register(t, DropoutOps())
-    for (module, qualname), ops in HF_LAYER_OPS.items():
-        register_by_name(module, qualname, ops)
+    for (module, qualname), hf_ops in HF_LAYER_OPS.items():
+        register_by_name(module, qualname, hf_ops)
 
 
 _register_builtins()

@@ -13,7 +13,7 @@ from lightning_probes.core.kernels.estimate import estimate_layer_alignments
 
 pytest.importorskip("transformers")
 
-from real_models import SEQ, GPT2LM, BertClassifier, SeqEncoder, token_data  # noqa: E402
+from real_models import GPT2LM, SEQ, BertClassifier, SeqEncoder, token_data
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 
@@ -129,9 +129,9 @@ def test_bert_dict_inputs_with_attention_mask():
     # the matrix-free estimator's label term is exact: y^T K y with centred one-hot labels
     y = nn.functional.one_hot(data["labels"], 3).double()
     y = (y - y.mean(0)).reshape(-1)
-    est = estimate_layer_alignments(
-        model, inputs, data["labels"], layers=names[-1:], num_probes=2
-    )[names[-1]]
+    est = estimate_layer_alignments(model, inputs, data["labels"], layers=names[-1:], num_probes=2)[
+        names[-1]
+    ]
     torch.testing.assert_close(est.label_energy, y @ want[names[-1]] @ y, rtol=1e-9, atol=0)
 
 
