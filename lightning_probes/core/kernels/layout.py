@@ -206,18 +206,30 @@ def layer_input(record: LayerRecord) -> Tensor:
     raise TypeError("Expected a layer called with a tensor input, got none.")
 
 
-def to_sample_first(record: LayerRecord, axis: int, name: str) -> LayerRecord:
+def to_sample_first(record: LayerRecord, axis: int, name: str, num_samples: int) -> LayerRecord:
     """``record`` with the sample ``axis`` of the layer's input and output moved to 0.
 
+    Args:
+        record: What :func:`~lightning_probes.core.kernels.capture.record_layers` recorded.
+        axis: The sample axis of the layer's output (from :func:`sample_axes`).
+        name: The layer's name, for messages.
+        num_samples: Samples of the forward that recorded it.
+
     Raises:
-        ValueError: If the layer takes more than one tensor, or its input disagrees.
+        ValueError: If that axis does not hold ``num_samples`` samples, or the layer takes
+            more than one tensor, or its input disagrees.
     """
+    shape = tuple(record.grads.shape[1:])
+    if axis >= len(shape) or shape[axis] != num_samples:
+        raise ValueError(
+            f"Expected layer {name!r} to hold the {num_samples} samples on axis {axis} of its "
+            f"output, got shape {shape}. Exclude it from `layers=`."
+        )
     if axis == 0:
         return record
-    n = record.grads.shape[axis + 1]
     tensors = [a for a in (*record.args, *record.kwargs.values()) if isinstance(a, Tensor)]
     x = layer_input(record)
-    if len(tensors) != 1 or x.ndim <= axis or x.shape[axis] != n:
+    if len(tensors) != 1 or x.ndim <= axis or x.shape[axis] != num_samples:
         raise ValueError(
             f"Expected layer {name!r}, with its samples on axis {axis}, to take one tensor "
             f"with the samples on that axis too, got {[tuple(t.shape) for t in tensors]}. "

@@ -184,3 +184,18 @@ def test_classes_subset_is_the_kernel_restricted_to_those_outputs():
     torch.testing.assert_close(got["0"], full[:, classes][:, :, :, classes].reshape(10, 10))
     with pytest.raises(ValueError, match="`classes` to list distinct output columns"):
         layer_tangent_kernels(net, x, classes=[1, 1])
+
+
+def test_one_sample():
+    """One sample: a sample-first layer's kernel is computed; a sequence-first one is refused,
+    its sample axis cannot be found by permuting samples."""
+    net = seq_encoder()
+    ids = token_data(3, classes=3)["input_ids"]
+    got = layer_tangent_kernels(net, ids[:1], layers=["embed", "head"])
+    assert_close_kernels(got, reference_kernels(net, ids[:1], ["embed", "head"]))
+    with pytest.raises(ValueError, match="'encoder.layers.0.linear1' .*got an output of shape "
+                       r"\(12, 1, 32\) \(for 1 samples\).*one distinct probe sample"):  # fmt: skip
+        layer_tangent_kernels(net, ids[:1], layers="encoder.layers.0.linear1")
+    same = ids[:1].expand(3, -1)  # identical samples: as for one
+    with pytest.raises(ValueError, match="one distinct probe sample"):
+        layer_tangent_kernels(net, same, layers="encoder.layers.0.linear1")
