@@ -8,11 +8,19 @@ the ``(n·o, n·o)`` matrix with row index ``i·o + c``
 the NTK of the network when only layer ``l``'s own parameters move (Lou et al., ICML 2022,
 Sec. 2; Baratin et al. 2021). A "layer" is one module with the parameters it owns directly.
 
+First, every selected layer is checked (:mod:`lightning_probes.core.kernels.layout`): it runs
+once per forward, shares no parameter with another module (tied weights are refused), and its
+samples sit on one axis of its output, found by permuting samples; a layer whose registry entry
+computes each position alone (Linear, LayerNorm, Embedding) may hold them on another axis
+(sequence-first ``[T, n, d]``), which is moved to 0. The probe inputs may be a tensor, a tuple
+or a mapping of tensors (``model(**inputs)``, e.g. with an ``attention_mask``).
+
 How it is computed, without materialising per-sample gradients where avoidable:
 
 - Layers whose registry entry (:mod:`lightning_probes.core.modules`) gives kernel factors —
-  ``nn.Linear`` (inputs of any leading shape; positions are summed over), ``nn.Conv1d/2d``
-  (any stride, padding, dilation, groups, padding mode), or a user's registered type: the
+  ``nn.Linear`` and HF ``Conv1D`` (inputs of any leading shape; positions are summed over),
+  ``nn.Conv1d/2d`` (any stride, padding, dilation, groups, padding mode), or a user's
+  registered type: the
   forward/backward decomposition
   :math:`K = (A A^T + 1) \circ (\Delta \Delta^T)` of eq. (9), summed over position pairs, or
   per-sample gradients, whichever a flop count says is cheaper
