@@ -6,8 +6,13 @@ import torch
 from torch.func import functional_call, jacrev, vmap
 
 
-def reference_kernels(model, x, names):
-    """Naive reference: per-sample Jacobians of the logits with vmap(jacrev), then J J^T."""
+def reference_kernels(model, x, names, output_fn=None):
+    """Naive reference: per-sample Jacobians of the logits with vmap(jacrev), then J J^T.
+
+    ``x`` is a batch-first tensor (``model(x)``) or a dict of them (``model(**x)``, one
+    ``jacrev`` per sample in a loop: HF masks take data-dependent branches that vmap refuses);
+    ``output_fn`` maps the model's output on one sample (batch of 1) to its logits ``[1, o]``.
+    """
     params = {k: v.detach() for k, v in model.named_parameters()}
     modules = dict(model.named_modules())
     out = {}
@@ -15,10 +20,19 @@ def reference_kernels(model, x, names):
         own = {f"{name}.{k}": v.detach() for k, v in modules[name].named_parameters(recurse=False)}
 
         def f(p, xi):
-            return functional_call(model, {**params, **p}, (xi.unsqueeze(0),))[0]
+            if isinstance(xi, dict):
+                y = functional_call(model, {**params, **p}, (), {k: v[None] for k, v in xi.items()})
+            else:
+                y = functional_call(model, {**params, **p}, (xi.unsqueeze(0),))
+            return (y if output_fn is None else output_fn(y))[0]
 
-        jac = vmap(jacrev(f), in_dims=(None, 0))(own, x)
-        n = x.shape[0]
+        if isinstance(x, dict):
+            n = next(iter(x.values())).shape[0]
+            per = [jacrev(f)(own, {k: v[i] for k, v in x.items()}) for i in range(n)]
+            jac = {k: torch.stack([j[k] for j in per]) for k in own}
+        else:
+            n = x.shape[0]
+            jac = vmap(jacrev(f), in_dims=(None, 0))(own, x)
         o = next(iter(jac.values())).shape[1]
         J = torch.cat([j.reshape(n, o, -1) for j in jac.values()], -1).reshape(n * o, -1)
         out[name] = J @ J.T

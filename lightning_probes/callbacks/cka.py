@@ -47,7 +47,8 @@ class LayerCKACallback(ProbeCallback):
     even one layer's whole kernel is held. The alignment history is part of the checkpoint.
 
     Args:
-        layers: Layer names or globs (``model.named_modules()``); default every Linear/Conv.
+        layers: Layer names or globs (``model.named_modules()``); default every Linear/Conv/HF
+            ``Conv1D`` that runs in the forward and shares no parameter (not tied).
         probe_size: Probe samples drawn from the train loader (the paper uses 200-2000).
         output_fn: Maps the module's output to logits ``[n, o]``.
         centering: ``"samples"`` (authors' code) or ``"full"`` (paper eq. (6)).
@@ -142,6 +143,8 @@ class LayerCKACallback(ProbeCallback):
         # the real capture on two samples: a layer called twice, BatchNorm in train mode or a
         # dict output without `output_fn` fail here, before training starts
         inputs = chunks(data, 2)[0][0]
+        if self.layers is None:  # the default layers that run (not MHA's out_proj), untied
+            self._layer_names = list(resolve_layers(pl_module, None, inputs=inputs))
         with torch.enable_grad():
             tangent_kernel_factors(
                 pl_module,

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
+from lightning_probes.core.data import model_arguments
 from lightning_probes.core.evaluation import OutputFn, as_logits
 from lightning_probes.core.kernels.capture import check_batchnorm_eval
 from lightning_probes.core.kernels.tangent import Layers, resolve_layers
@@ -87,7 +88,7 @@ def estimate_layer_alignments(
         raise ValueError(f"Expected `num_probes` to be an int >= 2, got {num_probes!r}.")
     check_batchnorm_eval(model)
     gen = generator or torch.Generator().manual_seed(0)
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    args, kwargs = model_arguments(inputs)  # tensor, tuple or mapping of tensors
     selected = resolve_layers(model, layers)
     module_names = {id(m): k for k, m in model.named_modules()}
     params = {k: p.detach() for k, p in model.named_parameters()}
@@ -97,7 +98,7 @@ def estimate_layer_alignments(
         prefix = f"{prefix}." if prefix else ""
         own = {f"{prefix}{k}": p.detach() for k, p in module.named_parameters(recurse=False)}
         out[name] = _estimate_layer(
-            lambda p: as_logits(functional_call(model, {**params, **p}, args), output_fn),
+            lambda p: as_logits(functional_call(model, {**params, **p}, args, kwargs), output_fn),
             own, targets, centering, num_probes, gen, probe_chunk,
         )  # fmt: skip
     return out

@@ -71,6 +71,11 @@ class AffineFactors:
         return int(self.features.shape[0])
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The kernel's dtype (that of the output gradients)."""
+        return self.grads.dtype
+
+    @property
     def num_outputs(self) -> int:
         """``o``."""
         return int(self.grads.shape[0])
@@ -150,11 +155,13 @@ class JacobianFactors:
         rows_fn: ``slice -> [r·o, P]`` per-sample Jacobian rows of those samples.
         num_samples: ``n``.
         num_outputs: ``o``.
+        dtype: The kernel's dtype.
     """
 
     rows_fn: Callable[[slice], Tensor]
     num_samples: int
     num_outputs: int
+    dtype: torch.dtype = torch.float32
     method: KernelPath = "jacobian"
     _cache: dict[tuple[int, int], Tensor] = field(default_factory=dict, repr=False)
 

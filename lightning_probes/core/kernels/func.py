@@ -56,4 +56,4 @@ def func_factors(module: nn.Module, record: LayerRecord, chunk_size: int | None)
         jac = vmap(per_sample, in_dims=(None, 0, 1), chunk_size=chunk_size)(params, sample, delta)
         return jac.reshape(-1, jac.shape[-1]).to(grads.dtype)
 
-    return JacobianFactors(rows_fn, n, o)
+    return JacobianFactors(rows_fn, n, o, grads.dtype)

@@ -8,11 +8,19 @@ the ``(n·o, n·o)`` matrix with row index ``i·o + c``
 the NTK of the network when only layer ``l``'s own parameters move (Lou et al., ICML 2022,
 Sec. 2; Baratin et al. 2021). A "layer" is one module with the parameters it owns directly.
 
+First, every selected layer is checked (:mod:`lightning_probes.core.kernels.layout`): it runs
+once per forward, shares no parameter with another module (tied weights are refused), and its
+samples sit on one axis of its output, found by permuting samples; a layer whose registry entry
+computes each position alone (Linear, LayerNorm, Embedding) may hold them on another axis
+(sequence-first ``[T, n, d]``), which is moved to 0. The probe inputs may be a tensor, a tuple
+or a mapping of tensors (``model(**inputs)``, e.g. with an ``attention_mask``).
+
 How it is computed, without materialising per-sample gradients where avoidable:
 
 - Layers whose registry entry (:mod:`lightning_probes.core.modules`) gives kernel factors —
-  ``nn.Linear`` (inputs of any leading shape; positions are summed over), ``nn.Conv1d/2d``
-  (any stride, padding, dilation, groups, padding mode), or a user's registered type: the
+  ``nn.Linear`` and HF ``Conv1D`` (inputs of any leading shape; positions are summed over),
+  ``nn.Conv1d/2d`` (any stride, padding, dilation, groups, padding mode), or a user's
+  registered type: the
   forward/backward decomposition
   :math:`K = (A A^T + 1) \circ (\Delta \Delta^T)` of eq. (9), summed over position pairs, or
   per-sample gradients, whichever a flop count says is cheaper
@@ -34,9 +42,24 @@ from torch import Tensor, nn
 
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import OutputFn, chunks
-from lightning_probes.core.kernels.capture import LayerRecord, record_layers
+from lightning_probes.core.kernels.capture import (
+    MAX_KERNEL_BYTES,
+    Classes,
+    LayerRecord,
+    check_batchnorm_eval,
+    check_kernel_memory,
+    record_layers,
+    select_classes,
+)
 from lightning_probes.core.kernels.factors import AffineFactors, LayerFactors, full_kernel
 from lightning_probes.core.kernels.func import func_factors
+from lightning_probes.core.kernels.layout import (
+    check_untied,
+    default_kernel_layers,
+    layer_input,
+    sample_axes,
+    to_sample_first,
+)
 from lightning_probes.core.layers import LayerSelection, owns_parameters, select_layers
 from lightning_probes.core.modules import ops_for
 from lightning_probes.functional.linalg import self_gram
@@ -46,12 +69,25 @@ _METHODS = ("auto", "gram", "jacobian", "func")
 Layers = LayerSelection  # the kernels' name for a layer selection (re-exported)
 
 
-def resolve_layers(model: nn.Module, layers: Layers) -> dict[str, nn.Module]:
-    """``{name: module}`` from names/globs, a ready mapping, or ``None`` (every Linear/Conv).
+def resolve_layers(model: nn.Module, layers: Layers, *, inputs: Any = None) -> dict[str, nn.Module]:
+    """``{name: module}`` from names/globs, a ready mapping, or ``None`` (the default layers).
+
+    The default layers are the registry's weight layers (Linear, Conv, HF ``Conv1D``) with
+    parameters of their own that no other module shares; with ``inputs``, only those that run
+    on the first two samples (not ``nn.MultiheadAttention.out_proj``, whose parameters the
+    attention uses without calling it).
+
+    Args:
+        model: The network.
+        layers: The selection (see :func:`layer_tangent_kernels`).
+        inputs: Probe inputs, to keep only default layers that run (optional).
 
     Raises:
-        ValueError: If a selected module owns no parameters, or a name matches nothing.
+        ValueError: If a selected module owns no parameters, shares one with another module
+            (tied weights, naming both), or a name matches nothing.
     """
+    if layers is None:
+        return default_kernel_layers(model, inputs)
     selected = dict(layers) if isinstance(layers, Mapping) else select_layers(model, layers)
     empty = [name for name, m in selected.items() if not owns_parameters(m)]
     if empty:
@@ -59,6 +95,7 @@ def resolve_layers(model: nn.Module, layers: Layers) -> dict[str, nn.Module]:
             f"Expected layers that own parameters, got {', '.join(map(repr, empty))} without "
             "any (a container's parameters belong to its children: name the children)."
         )
+    check_untied(model, selected)
     return selected
 
 
@@ -70,21 +107,28 @@ def tangent_kernel_factors(
     output_fn: OutputFn | None = None,
     chunk_size: int | None = None,
     method: KernelMethod = "auto",
+    classes: Classes = None,
 ) -> dict[str, LayerFactors]:
     """Per-layer factors from which kernel blocks are computed (see :func:`layer_tangent_kernels`).
 
     The forward/backward runs on ``chunk_size`` samples at a time; the factors (layer inputs and
-    output gradients, ``O(n·(d_in + o·d_out))`` per layer) are kept for all samples.
+    output gradients, ``O(n·(d_in + o·d_out))`` per layer) are kept for all samples. Each
+    layer's sample axis is found first (:mod:`lightning_probes.core.kernels.layout`) and moved
+    to axis 0, or the layer is refused.
     """
     if method not in _METHODS:
         raise ValueError(f"`method` can be {', '.join(_METHODS)}, got {method!r}.")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"Expected `chunk_size` to be a positive int or None, got {chunk_size!r}.")
-    selected = resolve_layers(model, layers)
+    output_fn = select_classes(output_fn, classes)
+    check_batchnorm_eval(model)
+    selected = resolve_layers(model, layers, inputs=inputs)
+    axes = sample_axes(model, inputs, selected)
+    data = ProbeSet(inputs, None)
     parts: list[dict[str, LayerRecord]] = []
-    for chunk_inputs, _, _ in chunks(ProbeSet(inputs, None), chunk_size):
-        records, _ = record_layers(model, chunk_inputs, selected, output_fn)
-        parts.append(records)
+    for chunk_inputs, _, size in chunks(data, chunk_size):
+        records, _ = record_layers(model, chunk_inputs, selected, output_fn, total=len(data))
+        parts.append({k: to_sample_first(r, axes[k], k, size) for k, r in records.items()})
     merged = {name: _merge([p[name] for p in parts]) for name in selected}
     return {
         name: _factors(module, merged[name], method, chunk_size)
@@ -100,6 +144,8 @@ def layer_tangent_kernels(
     output_fn: OutputFn | None = None,
     chunk_size: int | None = None,
     method: KernelMethod = "auto",
+    classes: Classes = None,
+    max_kernel_bytes: int | None = MAX_KERNEL_BYTES,
 ) -> dict[str, Tensor]:
     r"""Exact tangent kernel of each layer, :math:`K_l = J_l J_l^T`, shape ``(n·o, n·o)``.
 
@@ -107,21 +153,31 @@ def layer_tangent_kernels(
 
     Args:
         model: The network, BatchNorm in eval mode (``model.eval()``); not modified.
-        inputs: ``[n, ...]`` tensor (or tuple of positional inputs) of the probe set.
+        inputs: The probe set: a ``[n, ...]`` tensor (``model(x)``), a tuple of them
+            (``model(*args)``) or a mapping (``model(**kwargs)``, e.g. ``input_ids`` with
+            ``attention_mask``), all sharing the sample axis 0.
         layers: Names or ``fnmatch`` globs from ``model.named_modules()``, a ``{name: module}``
-            mapping, or ``None`` for every ``nn.Linear``/``nn.Conv*d`` with parameters.
-        output_fn: Maps the model output to logits ``[n, o]``.
+            mapping, or ``None`` for every Linear/Conv/HF ``Conv1D`` layer that runs in the
+            forward and shares no parameter (see :func:`resolve_layers`).
+        output_fn: Maps the model output to logits ``[n, o]`` (e.g. a language model's last
+            position, ``lambda out: out[:, -1]``).
         chunk_size: Samples per forward/backward and per kernel block (``None``: all at once).
         method: ``"auto"`` (cost model per layer), ``"gram"``/``"jacobian"`` (force a path for
             Linear/Conv layers), ``"func"`` (the :mod:`torch.func` path for every layer).
+        classes: Output columns to keep (after ``output_fn``): the kernel over a subset of
+            classes, ``o = len(classes)``.
+        max_kernel_bytes: Refuse, before assembling them, kernels larger than this (``None``:
+            no limit); the message states the memory ``(n·o)^2`` elements need.
 
     Returns:
         ``{name: kernel}`` in the logits' dtype (the model's dtype), ordered as the layers.
 
     Raises:
-        ValueError: If a layer runs more or less than once per forward (weight sharing), a
-            BatchNorm is in train mode, the logits are not ``[n, o]``, or a layer owns no
-            parameters.
+        ValueError: If a layer runs more or less than once per forward (weight sharing), shares
+            a parameter (tied weights), has no sample axis it can move first (a sequence-first
+            layer of an unknown type), a BatchNorm is in train mode, the logits are not
+            ``[n, o]`` (the message gives an ``output_fn`` and the kernel's memory), a kernel
+            exceeds ``max_kernel_bytes``, or a layer owns no parameters.
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -132,14 +188,18 @@ def layer_tangent_kernels(
         {'0': (10, 10), '2': (10, 10)}
     """
     factors = tangent_kernel_factors(
-        model, inputs, layers=layers, output_fn=output_fn, chunk_size=chunk_size, method=method
-    )
+        model, inputs, layers=layers, output_fn=output_fn, chunk_size=chunk_size, method=method,
+        classes=classes,
+    )  # fmt: skip
+    for f in factors.values():
+        check_kernel_memory(f.num_samples, f.num_outputs, f.dtype, max_kernel_bytes)
+        break
     return {name: full_kernel(f, chunk_size) for name, f in factors.items()}
 
 
 def forward_backward_kernels(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Any,
     *,
     layers: Layers = None,
     output_fn: OutputFn | None = None,
@@ -170,14 +230,17 @@ def forward_backward_kernels(
     Raises:
         ValueError: For non-Linear layers or inputs with extra (sequence) dimensions.
     """
-    selected = resolve_layers(model, layers)
+    selected = resolve_layers(model, layers, inputs=inputs)
     bad = [k for k, m in selected.items() if not _flat_kernel(m)]
     if bad:
         raise ValueError(f"Expected nn.Linear layers for eq. (9), got {', '.join(bad)}.")
+    axes = sample_axes(model, inputs, selected)
     records, _ = record_layers(model, inputs, selected, output_fn)
+    n = len(ProbeSet(inputs, None))
+    records = {k: to_sample_first(r, axes[k], k, n) for k, r in records.items()}
     out = {}
     for name, module in selected.items():
-        a, grads = _linear_input(records[name]), records[name].grads
+        a, grads = layer_input(records[name]), records[name].grads
         if a.ndim != 2:
             raise ValueError(
                 f"Expected layer {name!r} to receive [n, in_features] inputs for eq. (9), got "
@@ -194,11 +257,6 @@ def forward_backward_kernels(
     return out
 
 
-def _linear_input(record: LayerRecord) -> Tensor:
-    x = record.args[0] if record.args else record.kwargs["input"]
-    return x
-
-
 def _flat_kernel(module: nn.Module) -> bool:
     ops = ops_for(module)
     return ops is not None and ops.flat_kernel(module)
@@ -210,7 +268,7 @@ def _factors(
     grads = record.grads
     ops = ops_for(module)
     if method != "func" and ops is not None:
-        x = (record.args[0] if record.args else record.kwargs["input"]).to(grads.dtype)
+        x = layer_input(record).to(grads.dtype)
         factors = ops.kernel_factors(module, x, grads)
         if factors is not None:
             return AffineFactors(*factors, module.bias is not None, method)

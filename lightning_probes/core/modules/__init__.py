@@ -6,7 +6,8 @@ tangent-kernel factors, the affine map the landscape planes and the NAD first-la
 use, and its unit-ablation contributions (:mod:`~lightning_probes.core.modules.linear`,
 :mod:`~lightning_probes.core.modules.conv`, :mod:`~lightning_probes.core.modules.norm`,
 :mod:`~lightning_probes.core.modules.embedding`,
-:mod:`~lightning_probes.core.modules.elementwise`). The probes dispatch through
+:mod:`~lightning_probes.core.modules.elementwise`, and HF ``transformers`` types by name in
+:mod:`~lightning_probes.core.modules.hf`). The probes dispatch through
 :func:`ops_for`, never on ``isinstance`` chains; a layer type without an entry takes each
 probe's general path (e.g. per-sample gradients with :mod:`torch.func` for its kernel).
 
@@ -44,11 +45,13 @@ from lightning_probes.core.modules.elementwise import (
     PoolOps,
 )
 from lightning_probes.core.modules.embedding import EmbeddingOps
+from lightning_probes.core.modules.hf import HF_LAYER_OPS, HFConv1DOps
 from lightning_probes.core.modules.linear import LinearOps
 from lightning_probes.core.modules.norm import BatchNormOps, LayerNormOps, NormOps
 from lightning_probes.core.modules.ops import InputColumns, LayerOps, unit_axis
 
 _REGISTRY: dict[type[nn.Module], LayerOps] = {}
+_BY_NAME: dict[tuple[str, str], LayerOps] = {}  # types of packages not imported here (HF)
 
 
 def register(layer_type: type[nn.Module], ops: LayerOps) -> None:
@@ -88,6 +91,25 @@ def register(layer_type: type[nn.Module], ops: LayerOps) -> None:
     _REGISTRY[layer_type] = ops
 
 
+def register_by_name(module: str, qualname: str, ops: LayerOps) -> None:
+    """Declare ``ops`` for the class ``module.qualname`` without importing its package.
+
+    For optional dependencies (HF ``transformers``): the entry applies to a module whose class,
+    or a base class, has that ``__module__`` and ``__qualname__``; an entry registered by type
+    with :func:`register` takes precedence.
+    """
+    if not isinstance(ops, LayerOps):
+        raise TypeError(f"Expected `ops` to be a LayerOps instance, got {type(ops).__name__}.")
+    _BY_NAME[(module, qualname)] = ops
+
+
+def _lookup(cls: type) -> LayerOps | None:
+    ops = _REGISTRY.get(cls)
+    if ops is None and _BY_NAME:
+        ops = _BY_NAME.get((cls.__module__, cls.__qualname__))
+    return ops
+
+
 def unregister(layer_type: type[nn.Module]) -> None:
     """Remove ``layer_type``'s entry (a no-op if it has none)."""
     _REGISTRY.pop(layer_type, None)
@@ -114,9 +136,9 @@ def ops_for(module: nn.Module, *, exact: bool = False) -> LayerOps | None:
     if not isinstance(module, nn.Module):
         raise TypeError(f"Expected an nn.Module instance, got {type(module).__name__}.")
     if exact:
-        return _REGISTRY.get(type(module))
+        return _lookup(type(module))
     for cls in type(module).__mro__:
-        ops = _REGISTRY.get(cls)
+        ops = _lookup(cls)
         if ops is not None:
             return ops
     return None
@@ -141,6 +163,8 @@ def _register_builtins() -> None:
         register(t, PoolOps())
     for t in DROPOUTS:
         register(t, DropoutOps())
+    for (module, qualname), hf_ops in HF_LAYER_OPS.items():
+        register_by_name(module, qualname, hf_ops)
 
 
 _register_builtins()
@@ -153,6 +177,7 @@ __all__ = [
     "ElementwiseOps",
     "EmbeddingOps",
     "FlattenOps",
+    "HFConv1DOps",
     "IdentityOps",
     "InputColumns",
     "LayerNormOps",
@@ -163,6 +188,7 @@ __all__ = [
     "conv_patches",
     "ops_for",
     "register",
+    "register_by_name",
     "unit_axis",
     "unregister",
 ]

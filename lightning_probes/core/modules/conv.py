@@ -80,6 +80,7 @@ class ConvOps(LayerOps):
 
     unit_dim = 1
     jointly_affine = True
+    default_layer = True
 
     def __init__(self, spatial_dims: int) -> None:
         self.spatial_dims = spatial_dims

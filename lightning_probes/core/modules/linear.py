@@ -6,7 +6,7 @@ HF ``transformers.pytorch_utils.Conv1D`` computes the same map with the weight s
 transposed (``[in, out]``): an entry for it overrides :meth:`LinearOps.apply`,
 :meth:`~LinearOps.select_outputs`, :meth:`~LinearOps.select_inputs`,
 :meth:`~LinearOps.unit_contributions` and :meth:`~LinearOps.per_point_forward` where the
-weight's layout enters (not registered here yet).
+weight's layout enters (:mod:`lightning_probes.core.modules.hf`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ class LinearOps(LayerOps):
 
     unit_dim = -1
     jointly_affine = True
+    default_layer = True
+
+    def moves_samples(self, module: nn.Module, axis: int, ndim: int) -> bool:
+        """Any axis but the last (features): every position is mapped alone."""
+        return 0 <= axis < ndim - 1
 
     def apply(self, module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """``x @ weight.T + bias`` on ``[..., in]``."""

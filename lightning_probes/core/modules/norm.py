@@ -59,6 +59,11 @@ class LayerNormOps(NormOps):
 
     jointly_affine = True
 
+    def moves_samples(self, module: nn.Module, axis: int, ndim: int) -> bool:
+        """Any axis before the normalised ones: each position is normalised alone."""
+        m: Any = module
+        return 0 <= axis < ndim - len(m.normalized_shape)
+
     def per_point_forward(self, module: nn.Module, w: dict[str, Tensor], z: Tensor) -> Tensor:
         """Normalise, then the per-point affine ``[P, 1.., *normalized_shape]``."""
         m: Any = module

@@ -52,6 +52,8 @@ class LayerOps:
         jointly_affine: Its output is affine in its parameters jointly (Linear, Conv,
             eval-mode BatchNorm, LayerNorm), so :meth:`per_point_forward` evaluates many weight
             points at once (landscape planes).
+        default_layer: A weight layer the kernel probes select when ``layers=None`` (Linear,
+            Conv, HF ``Conv1D``), provided it runs once per forward and shares no parameter.
     """
 
     unit_dim: int = 1
@@ -62,6 +64,7 @@ class LayerOps:
     passes_units: bool = False
     pointwise: Callable[[Tensor], Tensor] | None = None
     jointly_affine: bool = False
+    default_layer: bool = False
 
     # ------------------------------------------------------------------ every probe
     def per_sample(self, module: nn.Module) -> bool:
@@ -78,6 +81,16 @@ class LayerOps:
             NotImplementedError: If the layer is not an affine map of its weight.
         """
         raise NotImplementedError(f"{type(self).__name__} has no weight map for {module!r}.")
+
+    def moves_samples(self, module: nn.Module, axis: int, ndim: int) -> bool:
+        """Whether samples found on ``axis`` of the ``ndim``-dim output may be moved to axis 0.
+
+        True where the layer computes every position of its leading axes alone (a Linear or
+        LayerNorm on the last axis, an Embedding), so that its input and output, with the sample
+        axis moved first in both, are those of a sample-first call: e.g. ``linear1`` of a
+        sequence-first ``nn.TransformerEncoderLayer`` (``[T, n, d]``). Default: axis 0 only.
+        """
+        return axis == 0
 
     # ------------------------------------------------------------------ layer tangent kernels
     def kernel_factors(
