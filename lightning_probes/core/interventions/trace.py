@@ -17,7 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_probes.core.axes import find_sample_axes
 from lightning_probes.core.evaluation import OutputFn, as_logits
+from lightning_probes.core.interventions.accuracy import check_targets
+from lightning_probes.core.interventions.inputs import num_samples, run, take
 from lightning_probes.core.interventions.points import (
     AblationPoint,
     Call,
@@ -27,7 +30,7 @@ from lightning_probes.core.interventions.points import (
     layer_unit_dim,
 )
 from lightning_probes.core.layers import LayerNames, select_layers
-from lightning_probes.core.modules import CONV_TYPES
+from lightning_probes.core.modules import ConvOps, LinearOps, ops_for
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Trace:
         suffix_elements: Largest per-sample output from the first point on, logits included.
         shortcut: ``(name, layer)`` of the single ``Linear``/``Conv`` consuming the first point.
         sparse: ``{layer: (module, input point, point)}`` of layers computed for kept units only.
+        element_size: Bytes per element of the first point's output (memory estimates).
         paths: How many forward passes of evaluations with this trace took each shortcut:
             ``"contributions"`` / ``"columns"`` (the first point's consumer, from all units'
             contributions or per newly ablated columns) and ``"sparse"`` (a sparse layer).
@@ -53,6 +57,7 @@ class Trace:
     shortcut: tuple[str, nn.Module] | None
     sparse: dict[str, tuple[nn.Module, int, int]]
     paths: dict[str, int] = field(default_factory=dict)
+    element_size: int = 4
 
     def record(self, path: str) -> None:
         """Count one use of ``path`` (see :attr:`paths`)."""
@@ -64,24 +69,48 @@ def has_module_of_type(model: nn.Module, types: tuple[type[nn.Module], ...]) -> 
     return any(isinstance(m, types) for m in model.modules())
 
 
+def candidate_layers(model: nn.Module) -> tuple[list[str], list[str]]:
+    """``(conv layers, linear-family layers)`` by the registry, in definition order.
+
+    Linear-family: entries that are :class:`~lightning_probes.core.modules.LinearOps`
+    (``nn.Linear``, HF ``Conv1D``, a user's registered dense layer); conv:
+    :class:`~lightning_probes.core.modules.ConvOps`. Modules inside an
+    ``nn.MultiheadAttention`` are left out: it computes with their weights functionally
+    (``out_proj`` is never called as a module).
+    """
+    inside_mha = {
+        f"{name}.{sub}" if name else sub
+        for name, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+        for sub, _ in m.named_modules()
+        if sub
+    }
+    convs, linears = [], []
+    for name, m in model.named_modules():
+        if not name or name in inside_mha:
+            continue
+        ops = ops_for(m)
+        if isinstance(ops, ConvOps):
+            convs.append(name)
+        elif isinstance(ops, LinearOps):
+            linears.append(name)
+    return convs, linears
+
+
 def default_ablation_layers(model: nn.Module) -> list[str]:
-    """The paper's default: conv nets the last three conv layers, MLPs all hidden layers.
+    """The paper's default, from the model's structure alone (no forward pass).
+
+    Conv nets: the last three conv layers; otherwise all linear-family layers but the last
+    (hidden + output). :func:`trace_model` with ``layers=None`` refines this on a forward pass
+    (modules that run, post-nonlinearity units, samples on axis 0: see
+    :func:`choose_default_layers`).
 
     Raises:
-        ValueError: If the model has neither conv layers nor at least two ``Linear`` layers.
+        ValueError: If the model has neither conv layers nor at least two linear layers.
     """
-    convs = (
-        list(select_layers(model, types=CONV_TYPES))
-        if has_module_of_type(model, CONV_TYPES)
-        else []
-    )
+    convs, linears = candidate_layers(model)
     if convs:
         return convs[-3:]
-    linears = (
-        list(select_layers(model, types=nn.Linear))
-        if has_module_of_type(model, (nn.Linear,))
-        else []
-    )
     if len(linears) < 2:
         raise ValueError(
             f"Expected {type(model).__name__} to have conv layers or at least two Linear layers "
@@ -90,35 +119,99 @@ def default_ablation_layers(model: nn.Module) -> list[str]:
     return linears[:-1]
 
 
+def choose_default_layers(
+    model: nn.Module, inputs: Any, calls: list[Call], where: dict[str, list[int]]
+) -> list[str]:
+    """The paper's default layers, checked on the traced forward pass.
+
+    Among the registry's conv / linear-family layers (:func:`candidate_layers`) that ran
+    exactly once and whose output has its samples on axis 0
+    (:func:`~lightning_probes.core.axes.find_sample_axes`): conv nets the last three conv
+    layers, otherwise the hidden linear layers (Morcos et al. 2018, sec. 2.2). Hidden means
+    followed by an activation module (post-nonlinearity units, e.g. the first layer of each
+    transformer MLP: GPT-2's ``mlp.c_fc``, BERT's ``intermediate.dense``); a model whose
+    activations are functional has none, and then every layer that ran but the last is taken
+    (pre-activation units; with ReLU, ablating them to 0 is ablating the post-activation).
+
+    Raises:
+        ValueError: If no layer qualifies (naming the layers left out and why).
+    """
+    convs, linears = candidate_layers(model)
+    ran = {n for n in convs + linears if len(where.get(n, [])) == 1}
+    ran = {n for n in ran if isinstance(calls[where[n][0]][3], Tensor)}
+    named = dict(model.named_modules())
+    axes = sample_axes(model, inputs, {n: named[n] for n in ran}) if ran else {}
+    wrong = {n: a for n, a in axes.items() if a not in (None, 0)}
+    usable = ran - set(wrong)
+
+    def post_nonlinear(name: str) -> bool:
+        j = follow_to_activation(calls, where[name][0], where)
+        ops = ops_for(calls[j][1])
+        return ops is not None and ops.activation
+
+    for family, last in ((convs, 3), (linears, 0)):
+        present = [n for n in family if n in usable]
+        hidden = [n for n in present if post_nonlinear(n)]
+        chosen = hidden if hidden else present[:-1] if last == 0 else present
+        if chosen:
+            return chosen[-last:] if last else chosen
+        if [n for n in family if n in ran]:
+            break  # a conv net whose convs do not qualify: no fallback to its dense head
+    skipped = [n for n in convs + linears if n not in usable]
+    reasons = [
+        f"{n!r} (sample axis {wrong[n]})"
+        if n in wrong
+        else f"{n!r} ({len(where.get(n, []))} calls)"
+        for n in skipped
+    ]
+    raise ValueError(
+        f"Expected {type(model).__name__} to have conv layers or at least two Linear layers "
+        "(hidden + output) that run once per forward pass with the samples on axis 0 of their "
+        f"output, to choose default ablation layers; left out: {', '.join(reasons) or 'none'}. "
+        "Pass `layers=` naming layers applied to batch-first tensors."
+    )
+
+
 def trace_model(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Any,
     layers: LayerNames,
     follow_activation: bool,
     output_fn: OutputFn | None = None,
+    targets: Tensor | None = None,
 ) -> Trace:
     """Trace one forward pass on two samples: the points, their order and the shortcut.
 
+    Each point's output must hold the samples on axis 0: that axis is found by permuting
+    three samples (:func:`~lightning_probes.core.axes.find_sample_axes`), and a point found
+    elsewhere (a sequence-first ``nn.TransformerEncoderLayer``'s ``linear1``) is refused.
+
     Args:
         model: The network (eval mode).
-        inputs: ``[n, ...]`` inputs (only the first two are run).
+        inputs: ``[n, ...]`` inputs: a tensor, or a tuple/dict of tensors sharing axis 0
+            (only the first two/three samples are run).
         layers: Names or globs of modules; ``None``: the paper's default
-            (:func:`default_ablation_layers`).
+            (:func:`choose_default_layers`).
         follow_activation: Move from a layer to the activation module after it.
-        output_fn: Maps the model output to logits ``[n, o]``.
+        output_fn: Maps the model output to logits ``[n, o]`` (or ``[n, L, V]``).
+        targets: If given, the logits' shape is checked against ``targets[:2]``
+            (:func:`~lightning_probes.core.interventions.accuracy.check_targets`).
 
     Returns:
         A :class:`Trace`.
 
     Raises:
-        ValueError: If a layer does not run exactly once, or two layers share a point.
+        ValueError: If a layer does not run exactly once, two layers share a point, a point's
+            samples are not on axis 0, or the logits do not fit the targets.
         TypeError: If ``inputs`` or a point's output is not a tensor.
     """
-    if not isinstance(inputs, Tensor):
-        raise TypeError(f"Expected `inputs` to be a Tensor [n, ...], got {type(inputs).__name__}.")
-    names = default_ablation_layers(model) if layers is None else list(select_layers(model, layers))
     named = dict(model.named_modules())
-    watched = {n: m for n, m in named.items() if n and (not list(m.children()) or n in names)}
+    names = None if layers is None else list(select_layers(model, layers))
+    watched = {
+        k: m
+        for k, m in named.items()
+        if k and (not list(m.children()) or (names is not None and k in names))
+    }
     calls: list[Call] = []
 
     def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
@@ -127,16 +220,20 @@ def trace_model(
 
         return hook
 
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in watched.items()]
+    handles = [m.register_forward_hook(make_hook(k)) for k, m in watched.items()]
     try:
         with torch.enable_grad():
-            logits = as_logits(model(inputs[:2]), output_fn)
+            logits = as_logits(run(model, take(inputs, 0, 2)), output_fn)
     finally:
         for handle in handles:
             handle.remove()
+    if targets is not None:
+        check_targets(logits, targets[:2])
     where: dict[str, list[int]] = {}
     for i, (name, _, _, _) in enumerate(calls):
         where.setdefault(name, []).append(i)
+    if names is None:
+        names = choose_default_layers(model, inputs, calls, where)
     points, positions = [], []
     for layer in names:
         if len(where.get(layer, [])) != 1:
@@ -160,6 +257,7 @@ def trace_model(
             f"Expected the layers {names} to resolve to distinct intervention points, got "
             f"{[p.name for p in points]}. Pass `follow_activation=False` or fewer layers."
         )
+    _check_sample_axes(model, inputs, points)
     order = sorted(range(len(points)), key=lambda i: positions[i])
     first = positions[order[0]]
     sizes = [o[0].numel() if isinstance(o, Tensor) and o.ndim > 0 else 1 for *_, o in calls]
@@ -168,4 +266,37 @@ def trace_model(
         shortcut = None
     suffix = max([*sizes[first:], logits[0].numel()])
     sparse = find_sparse_consumers(calls, points, positions, order, logits, where, shortcut)
-    return Trace(points, order, max(sizes[: first + 1]), suffix, shortcut, sparse)
+    trace = Trace(points, order, max(sizes[: first + 1]), suffix, shortcut, sparse)
+    trace.element_size = calls[first][3].element_size()
+    return trace
+
+
+def sample_axes(
+    model: nn.Module, inputs: Any, layers: dict[str, nn.Module]
+) -> dict[str, int | None]:
+    """Each layer's sample axis (:func:`~lightning_probes.core.axes.find_sample_axes`).
+
+    ``None`` (unknown) for every layer with fewer than 3 samples, or when the outputs cannot be
+    compared (non-finite values make its tolerance NaN).
+    """
+    if num_samples(inputs) < 3:
+        return dict.fromkeys(layers)
+    try:
+        return find_sample_axes(model, inputs, layers)
+    except RuntimeError:
+        return dict.fromkeys(layers)
+
+
+def _check_sample_axes(model: nn.Module, inputs: Any, points: list[AblationPoint]) -> None:
+    """Refuse points whose output holds the samples on an axis other than 0."""
+    axes = sample_axes(model, inputs, {p.name: p.module for p in points})
+    for p in points:
+        axis = axes[p.name]
+        if axis not in (None, 0):
+            raise ValueError(
+                f"Expected the output of {p.name!r} (the point of layer {p.layer!r}) to hold the "
+                f"samples on axis 0, got axis {axis} (a sequence-first layer, e.g. "
+                "nn.TransformerEncoderLayer(batch_first=False)). Ablation and selectivity need "
+                "batch-first points: pass `layers=` naming batch-first layers, or build the "
+                "model with `batch_first=True`."
+            )

@@ -4,6 +4,7 @@ In the spirit of BackPACK's per-layer extensions with dictionary dispatch: every
 has one module here stating, in a :class:`LayerOps` entry, its unit (feature/channel) axis, its
 tangent-kernel factors, the affine map the landscape planes and the NAD first-layer shortcut
 use, and its unit-ablation contributions (:mod:`~lightning_probes.core.modules.linear`,
+:mod:`~lightning_probes.core.modules.hf` for HF ``Conv1D`` and activations, registered lazily,
 :mod:`~lightning_probes.core.modules.conv`, :mod:`~lightning_probes.core.modules.norm`,
 :mod:`~lightning_probes.core.modules.embedding`,
 :mod:`~lightning_probes.core.modules.elementwise`). The probes dispatch through
@@ -30,8 +31,11 @@ A user's own layer type joins with :func:`register`::
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
+from lightning_probes.core.modules import hf
 from lightning_probes.core.modules.conv import CONV_TYPES, ConvOps, conv_patches
 from lightning_probes.core.modules.elementwise import (
     ACTIVATIONS,
@@ -44,11 +48,23 @@ from lightning_probes.core.modules.elementwise import (
     PoolOps,
 )
 from lightning_probes.core.modules.embedding import EmbeddingOps
-from lightning_probes.core.modules.linear import LinearOps
+from lightning_probes.core.modules.linear import LinearOps, TransposedLinearOps
 from lightning_probes.core.modules.norm import BatchNormOps, LayerNormOps, NormOps
 from lightning_probes.core.modules.ops import InputColumns, LayerOps, unit_axis
 
 _REGISTRY: dict[type[nn.Module], LayerOps] = {}
+_PENDING = set(hf.MODULES)  # transformers submodules whose types have not joined yet
+
+
+def _register_pending() -> None:
+    """Add the entries of HF ``transformers`` submodules imported since the last lookup.
+
+    A type the user registered already keeps the user's entry.
+    """
+    for name in [m for m in _PENDING if m in sys.modules]:
+        _PENDING.discard(name)
+        for t, ops in hf.entries(name).items():
+            _REGISTRY.setdefault(t, ops)
 
 
 def register(layer_type: type[nn.Module], ops: LayerOps) -> None:
@@ -113,6 +129,8 @@ def ops_for(module: nn.Module, *, exact: bool = False) -> LayerOps | None:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"Expected an nn.Module instance, got {type(module).__name__}.")
+    if _PENDING:
+        _register_pending()
     if exact:
         return _REGISTRY.get(type(module))
     for cls in type(module).__mro__:
@@ -160,6 +178,7 @@ __all__ = [
     "LinearOps",
     "NormOps",
     "PoolOps",
+    "TransposedLinearOps",
     "conv_patches",
     "ops_for",
     "register",
