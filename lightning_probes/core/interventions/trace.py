@@ -17,10 +17,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_probes.core.axes import find_sample_axes
 from lightning_probes.core.evaluation import OutputFn, as_logits
 from lightning_probes.core.interventions.accuracy import check_targets
-from lightning_probes.core.interventions.inputs import num_samples, run, take
+from lightning_probes.core.interventions.defaults import (
+    choose_default_layers,
+    sample_axes,
+)
+from lightning_probes.core.interventions.defaults import (
+    default_ablation_layers as default_ablation_layers,  # re-exported
+)
+from lightning_probes.core.interventions.defaults import (
+    has_module_of_type as has_module_of_type,  # re-exported
+)
+from lightning_probes.core.interventions.inputs import run, take
 from lightning_probes.core.interventions.points import (
     AblationPoint,
     Call,
@@ -30,7 +39,6 @@ from lightning_probes.core.interventions.points import (
     layer_unit_dim,
 )
 from lightning_probes.core.layers import LayerNames, select_layers
-from lightning_probes.core.modules import ConvOps, LinearOps, ops_for
 
 
 @dataclass
@@ -62,114 +70,6 @@ class Trace:
     def record(self, path: str) -> None:
         """Count one use of ``path`` (see :attr:`paths`)."""
         self.paths[path] = self.paths.get(path, 0) + 1
-
-
-def has_module_of_type(model: nn.Module, types: tuple[type[nn.Module], ...]) -> bool:
-    """Whether any submodule of ``model`` (itself included) is an instance of ``types``."""
-    return any(isinstance(m, types) for m in model.modules())
-
-
-def candidate_layers(model: nn.Module) -> tuple[list[str], list[str]]:
-    """``(conv layers, linear-family layers)`` by the registry, in definition order.
-
-    Linear-family: entries that are :class:`~lightning_probes.core.modules.LinearOps`
-    (``nn.Linear``, HF ``Conv1D``, a user's registered dense layer); conv:
-    :class:`~lightning_probes.core.modules.ConvOps`. Modules inside an
-    ``nn.MultiheadAttention`` are left out: it computes with their weights functionally
-    (``out_proj`` is never called as a module).
-    """
-    inside_mha = {
-        f"{name}.{sub}" if name else sub
-        for name, m in model.named_modules()
-        if isinstance(m, nn.MultiheadAttention)
-        for sub, _ in m.named_modules()
-        if sub
-    }
-    convs, linears = [], []
-    for name, m in model.named_modules():
-        if not name or name in inside_mha:
-            continue
-        ops = ops_for(m)
-        if isinstance(ops, ConvOps):
-            convs.append(name)
-        elif isinstance(ops, LinearOps):
-            linears.append(name)
-    return convs, linears
-
-
-def default_ablation_layers(model: nn.Module) -> list[str]:
-    """The paper's default, from the model's structure alone (no forward pass).
-
-    Conv nets: the last three conv layers; otherwise all linear-family layers but the last
-    (hidden + output). :func:`trace_model` with ``layers=None`` refines this on a forward pass
-    (modules that run, post-nonlinearity units, samples on axis 0: see
-    :func:`choose_default_layers`).
-
-    Raises:
-        ValueError: If the model has neither conv layers nor at least two linear layers.
-    """
-    convs, linears = candidate_layers(model)
-    if convs:
-        return convs[-3:]
-    if len(linears) < 2:
-        raise ValueError(
-            f"Expected {type(model).__name__} to have conv layers or at least two Linear layers "
-            "(hidden + output) to choose default ablation layers, got none. Pass `layers=`."
-        )
-    return linears[:-1]
-
-
-def choose_default_layers(
-    model: nn.Module, inputs: Any, calls: list[Call], where: dict[str, list[int]]
-) -> list[str]:
-    """The paper's default layers, checked on the traced forward pass.
-
-    Among the registry's conv / linear-family layers (:func:`candidate_layers`) that ran
-    exactly once and whose output has its samples on axis 0
-    (:func:`~lightning_probes.core.axes.find_sample_axes`): conv nets the last three conv
-    layers, otherwise the hidden linear layers (Morcos et al. 2018, sec. 2.2). Hidden means
-    followed by an activation module (post-nonlinearity units, e.g. the first layer of each
-    transformer MLP: GPT-2's ``mlp.c_fc``, BERT's ``intermediate.dense``); a model whose
-    activations are functional has none, and then every layer that ran but the last is taken
-    (pre-activation units; with ReLU, ablating them to 0 is ablating the post-activation).
-
-    Raises:
-        ValueError: If no layer qualifies (naming the layers left out and why).
-    """
-    convs, linears = candidate_layers(model)
-    ran = {n for n in convs + linears if len(where.get(n, [])) == 1}
-    ran = {n for n in ran if isinstance(calls[where[n][0]][3], Tensor)}
-    named = dict(model.named_modules())
-    axes = sample_axes(model, inputs, {n: named[n] for n in ran}) if ran else {}
-    wrong = {n: a for n, a in axes.items() if a not in (None, 0)}
-    usable = ran - set(wrong)
-
-    def post_nonlinear(name: str) -> bool:
-        j = follow_to_activation(calls, where[name][0], where)
-        ops = ops_for(calls[j][1])
-        return ops is not None and ops.activation
-
-    for family, last in ((convs, 3), (linears, 0)):
-        present = [n for n in family if n in usable]
-        hidden = [n for n in present if post_nonlinear(n)]
-        chosen = hidden if hidden else present[:-1] if last == 0 else present
-        if chosen:
-            return chosen[-last:] if last else chosen
-        if [n for n in family if n in ran]:
-            break  # a conv net whose convs do not qualify: no fallback to its dense head
-    skipped = [n for n in convs + linears if n not in usable]
-    reasons = [
-        f"{n!r} (sample axis {wrong[n]})"
-        if n in wrong
-        else f"{n!r} ({len(where.get(n, []))} calls)"
-        for n in skipped
-    ]
-    raise ValueError(
-        f"Expected {type(model).__name__} to have conv layers or at least two Linear layers "
-        "(hidden + output) that run once per forward pass with the samples on axis 0 of their "
-        f"output, to choose default ablation layers; left out: {', '.join(reasons) or 'none'}. "
-        "Pass `layers=` naming layers applied to batch-first tensors."
-    )
 
 
 def trace_model(
@@ -269,22 +169,6 @@ def trace_model(
     trace = Trace(points, order, max(sizes[: first + 1]), suffix, shortcut, sparse)
     trace.element_size = calls[first][3].element_size()
     return trace
-
-
-def sample_axes(
-    model: nn.Module, inputs: Any, layers: dict[str, nn.Module]
-) -> dict[str, int | None]:
-    """Each layer's sample axis (:func:`~lightning_probes.core.axes.find_sample_axes`).
-
-    ``None`` (unknown) for every layer with fewer than 3 samples, or when the outputs cannot be
-    compared (non-finite values make its tolerance NaN).
-    """
-    if num_samples(inputs) < 3:
-        return dict.fromkeys(layers)
-    try:
-        return find_sample_axes(model, inputs, layers)
-    except RuntimeError:
-        return dict.fromkeys(layers)
 
 
 def _check_sample_axes(model: nn.Module, inputs: Any, points: list[AblationPoint]) -> None:
