@@ -1,9 +1,12 @@
 r"""Trace one forward pass: ablation points, their order, shortcuts, memory per pass.
 
-**Where a layer is ablated.** For each selected layer (a ``Linear``/``Conv`` by name) the
-intervention point is the activation module that consumes its output (skipping normalisation,
-dropout and identity modules in between, e.g. ``Conv -> BatchNorm -> ReLU``), found by tracing
-one forward pass; without one, the end of that chain (or the layer itself). To pick a point
+**Where a layer is ablated.** For each selected layer (a ``Linear``/HF ``Conv1D``/``Conv`` by
+name) the intervention point is the activation module that consumes its output (skipping
+normalisation, dropout and identity modules in between, e.g. ``Conv -> BatchNorm -> ReLU``;
+``torch.nn`` and HF ``transformers.activations`` modules count), found by tracing one forward
+pass; without one, the end of that chain (or the layer itself). Units lie on the layer type's
+unit axis (the registry's): channels for conv, the last axis for linear-family layers, also
+over sequences ``[n, T, d]``; every point must hold the samples on axis 0. To pick a point
 explicitly, name that module (e.g. the ``ReLU``) in ``layers``, or pass
 ``follow_activation=False`` to intervene on exactly the named modules' outputs.
 """

@@ -89,3 +89,33 @@ def test_conv1d_mlp_ablation_shortcuts_match_hooks():
                     h = torch.relu(net[i](h)) * kk
                 acc = float((net[6](h).argmax(1) == y).double().mean())
                 assert float(curve.accuracy[r, k]) == pytest.approx(acc, abs=1e-12)
+
+
+def test_conv1d_kernel_factors_match_the_func_reference():
+    """The entry's kernel factors (layout-free) give the float64 per-sample-Jacobian kernel."""
+    from reference import reference_kernels
+
+    from lightning_probes.core.kernels import layer_tangent_kernels, tangent_kernel_factors
+    from lightning_probes.core.kernels.factors import AffineFactors
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Conv1D(6, 4), Conv1D(3, 6)
+
+        def forward(self, x):  # [n, T, 4] -> [n, 3]
+            return self.b(torch.tanh(self.a(x))).mean(1)
+
+    torch.manual_seed(2)
+    model = Seq().double().eval()
+    for p in model.parameters():
+        nn.init.normal_(p)
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    factors = tangent_kernel_factors(model, x, layers=["a", "b"])
+    assert all(isinstance(f, AffineFactors) for f in factors.values())
+    got, want = (
+        layer_tangent_kernels(model, x, layers=["a", "b"]),
+        reference_kernels(model, x, ["a", "b"]),
+    )
+    for name in ("a", "b"):
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12)
