@@ -162,7 +162,8 @@ class AblationAUCCallback(ProbeCallback):
     def validate(self, pl_module: LightningModule, data: ProbeSet) -> None:
         # resolves the intervention points on two samples: layers called more than once,
         # points shared by two layers or a model output without `output_fn` fail here
-        trace_model(pl_module, data.inputs[:2], self.layers, self.follow_activation, self.output_fn)
+        trace_model(pl_module, data.inputs, self.layers, self.follow_activation, self.output_fn,
+                    data.targets)  # fmt: skip
 
     # ------------------------------------------------------------------ Lightning hooks
     @override

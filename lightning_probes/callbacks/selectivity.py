@@ -20,10 +20,14 @@ from lightning_probes.callbacks.checks import check_choice
 from lightning_probes.callbacks.plots.selectivity import log_importance_scatter
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
-from lightning_probes.core.evaluation import OutputFn, as_logits
+from lightning_probes.core.evaluation import OutputFn
 from lightning_probes.core.interventions.ablation import AblationValue, default_ablation_layers
-from lightning_probes.core.interventions.engine import trace_model
-from lightning_probes.core.interventions.selectivity import unit_ablation_impact, unit_activity
+from lightning_probes.core.interventions.selectivity import (
+    num_outputs,
+    selectivity_trace,
+    unit_ablation_impact,
+    unit_activity,
+)
 from lightning_probes.core.layers import check_layer_spec, select_layers
 from lightning_probes.functional.selectivity import (
     binned_mutual_information,
@@ -119,7 +123,10 @@ class SelectivityCallback(ProbeCallback):
     def validate(self, pl_module: LightningModule, data: ProbeSet) -> None:
         # resolves the intervention points on two samples: layers called more than once,
         # points shared by two layers or a model output without `output_fn` fail here
-        trace_model(pl_module, data.inputs[:2], self.layers, self.follow_activation, self.output_fn)
+        selectivity_trace(
+            pl_module, data.inputs, data.targets, layers=self.layers,
+            follow_activation=self.follow_activation, output_fn=self.output_fn,
+        )  # fmt: skip
 
     @override
     def predict_cost(
@@ -136,7 +143,7 @@ class SelectivityCallback(ProbeCallback):
     def probe(self, trainer: Trainer, pl_module: LightningModule, data: ProbeSet) -> None:
         x, y = data.inputs, data.targets
         assert y is not None
-        classes = self.num_classes or int(as_logits(pl_module(x[:2]), self.output_fn).shape[-1])
+        classes = self.num_classes or num_outputs(pl_module, x, self.output_fn)
         acts = unit_activity(
             pl_module,
             x,

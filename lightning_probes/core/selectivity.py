@@ -6,6 +6,7 @@ The code lives in
 
 from lightning_probes.core.interventions.selectivity import (
     class_selectivity,
+    selectivity_trace,
     unit_ablation_impact,
     unit_activity,
     unit_mutual_information,
@@ -13,6 +14,7 @@ from lightning_probes.core.interventions.selectivity import (
 
 __all__ = [
     "class_selectivity",
+    "selectivity_trace",
     "unit_ablation_impact",
     "unit_activity",
     "unit_mutual_information",

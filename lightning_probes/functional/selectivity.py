@@ -51,14 +51,20 @@ def selectivity_index(class_means: Tensor, present: Tensor | None = None) -> Ten
     where :math:`\mu_{\max}` is the largest class-conditional mean and :math:`\mu_{-\max}` the
     mean of the other (present) classes' means. 0: identical activity for all classes; 1:
     active for one class only. Dead units (:math:`\mu_{\max} + \mu_{-\max} = 0`) get 0, as in
-    the paper. For non-negative (post-ReLU) activity the index lies in ``[0, 1]``.
+    the paper. The index is defined for non-negative (post-ReLU) activity, where it lies in
+    ``[0, 1]``; negative class means are refused (with them it leaves ``[0, 1]``: a signed
+    "selectivity" of -40 or 130 is no selectivity), so a value outside ``[0, 1]`` is never
+    returned.
 
     Args:
-        class_means: ``[c, u]`` class-conditional means.
+        class_means: ``[c, u]`` class-conditional means, non-negative.
         present: ``[c]`` which classes to use (default: all).
 
     Returns:
-        ``[u]`` float64.
+        ``[u]`` float64 in ``[0, 1]``.
+
+    Raises:
+        ValueError: If fewer than 2 classes are present, or a class mean is negative.
 
     Example:
         >>> means = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 2.0], [0.0, 0.0, 2.0]])
@@ -70,11 +76,25 @@ def selectivity_index(class_means: Tensor, present: Tensor | None = None) -> Ten
         means = means[present.to(means.device)]
     if means.shape[0] < 2:
         raise ValueError(f"Expected at least 2 classes present, got {means.shape[0]}.")
+    if bool((means < 0).any()):
+        units = (means < 0).any(0).nonzero().squeeze(1).tolist()
+        raise ValueError(
+            f"Expected non-negative class-conditional means (post-ReLU activity), got negative "
+            f"means for units {units[:10]}{'...' if len(units) > 10 else ''} (minimum "
+            f"{float(means.min()):.3g}). The selectivity index is defined for non-negative "
+            "activity: select layers followed by a ReLU."
+        )
     top = means.max(0).values
-    rest = (means.sum(0) - top) / (means.shape[0] - 1)
+    rest = ((means.sum(0) - top) / (means.shape[0] - 1)).clamp(max=top)  # rounding: rest <= top
     denom = top + rest
     safe = torch.where(denom == 0, torch.ones_like(denom), denom)
-    return torch.where(denom == 0, torch.zeros_like(denom), (top - rest) / safe)
+    si = torch.where(denom == 0, torch.zeros_like(denom), (top - rest) / safe)
+    if not bool(((si >= 0) & (si <= 1)).all()):  # NaN (non-finite means) included
+        raise ValueError(
+            f"Expected finite class-conditional means, got a selectivity outside [0, 1] "
+            f"({si[~((si >= 0) & (si <= 1))][:5].tolist()})."
+        )
+    return si
 
 
 def binned_mutual_information(

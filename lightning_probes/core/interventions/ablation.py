@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lightning_probes.core.evaluation import OutputFn
 from lightning_probes.core.interventions.engine import evaluate_interventions
+from lightning_probes.core.interventions.inputs import device_of
 from lightning_probes.core.interventions.masks import build_masks, point_statistics, unit_view
 from lightning_probes.core.interventions.points import AblationPoint
 from lightning_probes.core.interventions.shortcuts import ShortcutPath
@@ -30,7 +31,7 @@ AblationValue = Literal["zero", "mean"]
 
 
 def ablation_points(
-    model: nn.Module, inputs: Tensor, layers: LayerNames = None, *, follow_activation: bool = True
+    model: nn.Module, inputs: Any, layers: LayerNames = None, *, follow_activation: bool = True
 ) -> dict[str, AblationPoint]:
     """Resolve the intervention point of each selected layer.
 
@@ -103,7 +104,7 @@ class NoiseCurve:
 
 def ablation_curve(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Any,
     targets: Tensor,
     *,
     layers: LayerNames,
@@ -127,8 +128,11 @@ def ablation_curve(
 
     Args:
         model: The classifier, in eval mode; its weights are not modified.
-        inputs: ``[n, ...]`` probe inputs.
-        targets: ``[n]`` class indices.
+        inputs: ``[n, ...]`` probe inputs: a tensor (``model(x)``), a tuple (``model(*args)``)
+            or a dict (``model(**kwargs)``, e.g. ``input_ids`` with ``attention_mask``) of
+            tensors sharing axis 0.
+        targets: ``[n]`` class indices, or ``[n, L]`` token ids for a language model with
+            logits ``[n, L, V]`` (accuracy per token, ``-100`` ignored).
         layers: Names/globs of layers (see :mod:`~lightning_probes.core.interventions`);
             ``None``: the paper's default (:func:`default_ablation_layers`).
         num_orderings: Number of random orderings ``r``.
@@ -173,7 +177,7 @@ def ablation_curve(
             f"`shortcut_path` can be 'auto', 'contributions' or 'columns', got {shortcut_path!r}."
         )
     _warn_if_training(model)
-    trace = trace_model(model, inputs, layers, follow_activation, output_fn)
+    trace = trace_model(model, inputs, layers, follow_activation, output_fn, targets)
     sizes = [p.num_units for p in trace.points]
     total = sum(sizes)
     fractions = torch.linspace(0, 1, 21) if fractions is None else fractions
@@ -221,7 +225,7 @@ def ablation_curve(
 
 def noise_curve(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Any,
     targets: Tensor,
     *,
     layers: LayerNames,
@@ -262,9 +266,10 @@ def noise_curve(
     if scales.numel() == 0 or bool((scales < 0).any()):
         raise ValueError(f"Expected `scales` to be non-negative values, got {scales.tolist()}.")
     _warn_if_training(model)
-    trace = trace_model(model, inputs, layers, follow_activation, output_fn)
+    trace = trace_model(model, inputs, layers, follow_activation, output_fn, targets)
     _, stds = point_statistics(model, inputs, trace)
-    per_mask = scales.repeat(num_repeats).to(inputs.device, inputs.dtype)  # [repeats*s]
+    dtype = stds[0].dtype if stds else torch.float32
+    per_mask = scales.repeat(num_repeats).to(device_of(inputs), dtype)  # [repeats*s]
 
     def add_noise(j: int, h: Tensor, sl: slice) -> Tensor:
         p = trace.points[j]

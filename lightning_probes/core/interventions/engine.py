@@ -35,6 +35,12 @@ from torch import Tensor, nn
 
 from lightning_probes.core.evaluation import OutputFn, as_logits
 from lightning_probes.core.hooks import replace_output
+from lightning_probes.core.interventions.accuracy import (
+    check_targets,
+    correct_and_loss,
+    count_targets,
+)
+from lightning_probes.core.interventions.inputs import num_samples, repeat_samples, run, take
 from lightning_probes.core.interventions.masks import Masks, sum_is_finite
 from lightning_probes.core.interventions.shortcuts import (
     ShortcutPath,
@@ -56,7 +62,7 @@ class BatchMismatchError(RuntimeError):
 
 def evaluate_interventions(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Any,
     targets: Tensor,
     trace: Trace,
     num_masks: int,
@@ -72,8 +78,11 @@ def evaluate_interventions(
 
     Args:
         model: The network (eval mode).
-        inputs: ``[n, ...]`` probe inputs.
-        targets: ``[n]`` class indices.
+        inputs: ``[n, ...]`` probe inputs: a tensor, or a tuple/dict of tensors sharing axis 0
+            (``model(*args)`` / ``model(**kwargs)``); every path slices and repeats all of them.
+        targets: ``[n]`` class indices, or ``[n, L]`` token ids of a language model (logits
+            ``[n, L, V]``; accuracy and loss per token, ``-100`` ignored: see
+            :mod:`~lightning_probes.core.interventions.accuracy`).
         trace: From :func:`trace_model`.
         num_masks: ``M``, the number of interventions.
         apply: Applies intervention(s) ``masks`` to point ``j``'s output ``[m, n, ...]``.
@@ -88,18 +97,19 @@ def evaluate_interventions(
     Returns:
         ``(accuracy [M], loss [M] or None)`` in float64.
     """
-    if targets.ndim != 1 or torch.is_floating_point(targets):
+    if targets.ndim not in (1, 2) or torch.is_floating_point(targets):
         raise ValueError(
-            f"Expected `targets` to be [n] class indices, got {targets.dtype} of shape "
-            f"{tuple(targets.shape)}."
+            f"Expected `targets` to be [n] class indices (or [n, L] token ids), got "
+            f"{targets.dtype} of shape {tuple(targets.shape)}."
         )
-    n = inputs.shape[0]
+    n = num_samples(inputs)
     expand = num_masks > 1 and not _shares_prefix(model, inputs, trace, output_fn)
-    n_c, m_c = _chunk_sizes(n, num_masks, trace, inputs.element_size(), memory_budget, expand)
+    n_c, m_c = _chunk_sizes(n, num_masks, trace, trace.element_size, memory_budget, expand)
     correct = torch.zeros(num_masks, dtype=torch.float64)
     loss = torch.zeros(num_masks, dtype=torch.float64)
     for s0 in range(0, n, n_c):
-        x, y = inputs[s0 : s0 + n_c], targets[s0 : s0 + n_c]
+        x, y = take(inputs, s0, s0 + n_c), targets[s0 : s0 + n_c]
+        rows = y.shape[0]
         cache: dict[str, Tensor | None] = {}  # per sample chunk: the shortcut's unit contributions
         for m0 in range(0, num_masks, m_c):
             sl = slice(m0, min(num_masks, m0 + m_c))
@@ -117,14 +127,15 @@ def evaluate_interventions(
                 cache=cache,
                 shortcut_path=shortcut_path,
             )
-            logits = logits.reshape(m, x.shape[0], -1)
-            correct[sl] += (logits.argmax(-1) == y).sum(1).to("cpu", torch.float64)
-            if with_loss:
-                ce = nn.functional.cross_entropy(
-                    logits.flatten(0, 1).double(), y.repeat(m), reduction="none"
-                )
-                loss[sl] += ce.view(m, -1).sum(1).to("cpu", torch.float64)
-    return correct / n, (loss / n if with_loss else None)
+            if s0 == 0 and m0 == 0:
+                check_targets(logits[:rows], y)
+            logits = logits.reshape(m, rows, *logits.shape[1:])
+            hits, ce = correct_and_loss(logits, y, with_loss)
+            correct[sl] += hits
+            if ce is not None:
+                loss[sl] += ce
+    total = count_targets(targets)
+    return correct / total, (loss / total if with_loss else None)
 
 
 def _chunk_sizes(
@@ -146,15 +157,13 @@ def _chunk_sizes(
     return n_c, max(1, min(num_masks, (budget - n_c * prefix) // (n_c * suffix)))
 
 
-def _shares_prefix(
-    model: nn.Module, inputs: Tensor, trace: Trace, output_fn: OutputFn | None
-) -> bool:
+def _shares_prefix(model: nn.Module, inputs: Any, trace: Trace, output_fn: OutputFn | None) -> bool:
     """Whether the model runs with the first point's output expanded to several copies.
 
     A model that mixes activations from before the first point with the expanded batch (a skip
     connection around it) does not; masks are then evaluated by repeating the inputs.
     """
-    x = inputs[:2]
+    x = take(inputs, 0, 2)
     try:
         _run(
             model,
@@ -179,7 +188,7 @@ def _shares_prefix(
 
 def _run(
     model: nn.Module,
-    x: Tensor,
+    x: Any,
     trace: Trace,
     apply: Apply,
     sl: slice,
@@ -191,7 +200,7 @@ def _run(
     cache: dict[str, Tensor | None] | None = None,
     shortcut_path: ShortcutPath = "auto",
 ) -> Tensor:
-    m, n = sl.stop - sl.start, x.shape[0]
+    m, n = sl.stop - sl.start, num_samples(x)
     first = trace.points[trace.order[0]]
     shortcut = trace.shortcut if (masks is not None and not expand_inputs and m > 1) else None
     index = {p.name: j for j, p in enumerate(trace.points)}
@@ -231,7 +240,7 @@ def _run(
     if shortcut is not None:
         modules[shortcut[0]] = shortcut[1]
     modules.update({name: module for name, (module, _, _) in sparse.items()})
-    inputs = x.repeat(m, *([1] * (x.ndim - 1))) if expand_inputs else x
+    inputs = repeat_samples(x, m) if expand_inputs else x
 
     def make_stash(name: str) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
         def stash(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -243,7 +252,7 @@ def _run(
     handles = [mod.register_forward_pre_hook(make_stash(nm)) for nm, (mod, _, _) in sparse.items()]
     try:
         with torch.no_grad(), replace_output(modules, intervene):
-            logits = as_logits(model(inputs), output_fn)
+            logits = as_logits(run(model, inputs), output_fn)
     finally:
         for handle in handles:
             handle.remove()

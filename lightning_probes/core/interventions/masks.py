@@ -10,11 +10,13 @@ Index letters: ``M`` masks, ``n`` samples, ``u`` units of a point.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_probes.core.hooks import replace_output
+from lightning_probes.core.interventions.inputs import device_of, num_samples, run, take
 from lightning_probes.core.interventions.trace import Trace
 from lightning_probes.core.modules import unit_axis
 
@@ -46,13 +48,13 @@ class Masks:
 
 
 def build_masks(
-    model: nn.Module, inputs: Tensor, trace: Trace, keep: Tensor, value: str = "zero"
+    model: nn.Module, inputs: Any, trace: Trace, keep: Tensor, value: str = "zero"
 ) -> Masks:
     """:class:`Masks` from one ``[M, U]`` keep matrix over all units of ``trace``'s points.
 
     Args:
         model: The network (for the unit means when ``value="mean"``).
-        inputs: The probe inputs ``[n, ...]``.
+        inputs: The probe inputs ``[n, ...]`` (a tensor, or a tuple/dict of tensors).
         trace: The traced ablation points (their units, in order, make the ``U`` columns).
         keep: ``[M, U]`` bool, ``True`` where a unit is kept in mask ``m``.
         value: ``"zero"`` clamps ablated units to 0, ``"mean"`` to their mean on ``inputs``.
@@ -62,7 +64,7 @@ def build_masks(
     if value == "mean":
         values = list(point_statistics(model, inputs, trace)[0])
     return Masks(
-        [k.to(inputs.device) for k in keep.split(sizes, dim=1)],
+        [k.to(device_of(inputs)) for k in keep.split(sizes, dim=1)],
         values,
         [p.unit_dim for p in trace.points],
     )
@@ -87,20 +89,22 @@ def unit_view(vec: Tensor, sample_ndim: int, unit_dim: int, leading: int = 0) ->
 
 
 def point_statistics(
-    model: nn.Module, inputs: Tensor, trace: Trace, *, chunk_size: int = 1024
+    model: nn.Module, inputs: Any, trace: Trace, *, chunk_size: int = 1024
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Per-element mean (one sample's shape) and per-unit std of each point's output.
 
-    The std pools samples and, for feature maps, positions (the unit's std over the probe set).
-    Accumulated in float64; returned in the inputs' dtype.
+    The std pools samples and, for feature maps and sequences, positions (the unit's std over
+    the probe set). Accumulated in float64; returned in each point's output dtype.
     """
     k = len(trace.points)
     sums: list[Tensor] = [torch.zeros(())] * k
     moments: list[Tensor] = [torch.zeros(())] * k  # [2, u]: sum and sum of squares per unit
     index = {p.name: j for j, p in enumerate(trace.points)}
+    dtypes: list[torch.dtype] = [torch.float32] * k
 
     def record(name: str, out: Tensor) -> Tensor:
         j = index[name]
+        dtypes[j] = out.dtype
         o = out.detach().to(torch.float64)
         sums[j] = sums[j].to(o.device) + o.sum(0)
         dim = unit_axis(trace.points[j].unit_dim, o.ndim)
@@ -108,15 +112,15 @@ def point_statistics(
         moments[j] = moments[j].to(o.device) + torch.stack([flat.sum(1), (flat * flat).sum(1)])
         return out
 
-    n = inputs.shape[0]
+    n = num_samples(inputs)
     with torch.no_grad(), replace_output({p.name: p.module for p in trace.points}, record):
         for s0 in range(0, n, chunk_size):
-            model(inputs[s0 : s0 + chunk_size])
+            run(model, take(inputs, s0, s0 + chunk_size))
     means, stds = [], []
     for j, p in enumerate(trace.points):
         count = n * (sums[j].numel() // p.num_units)
         mu = moments[j][0] / count
         var = (moments[j][1] / count - mu * mu).clamp_min(0.0)
-        means.append((sums[j] / n).to(inputs.dtype))
-        stds.append(var.sqrt().to(inputs.dtype))
+        means.append((sums[j] / n).to(dtypes[j]))
+        stds.append(var.sqrt().to(dtypes[j]))
     return means, stds

@@ -59,23 +59,22 @@ def follow_to_activation(calls: list[Call], idx: int, where: dict[str, list[int]
     """From a layer's call, walk to the activation that consumes its output (if any).
 
     Modules that keep the unit layout are passed; the walk stops at the first other consumer,
-    which is the point if it is an activation of ``torch.nn.modules.activation`` (softmax and
-    attention excepted).
+    which is the point if the registry knows it as an elementwise activation
+    (:attr:`~lightning_probes.core.modules.LayerOps.activation`: ``torch.nn`` activations, HF
+    ``transformers.activations``; softmax and attention are not).
     """
     current = calls[idx][3]
     for j in range(idx + 1, len(calls)):
         name, module, arg, out = calls[j]
         if arg is not current:
             continue
-        module_type = type(module)
         if len(where[name]) != 1:
             return idx
         ops = ops_for(module)
         if ops is not None and ops.passes_units:
             idx, current = j, out
             continue
-        is_activation = module_type.__module__ == "torch.nn.modules.activation"
-        if is_activation and not issubclass(module_type, _NOT_ACTIVATIONS):
+        if ops is not None and ops.activation and not isinstance(module, _NOT_ACTIVATIONS):
             return j
         return idx
     return idx

@@ -1,9 +1,12 @@
 r"""Trace one forward pass: ablation points, their order, shortcuts, memory per pass.
 
-**Where a layer is ablated.** For each selected layer (a ``Linear``/``Conv`` by name) the
-intervention point is the activation module that consumes its output (skipping normalisation,
-dropout and identity modules in between, e.g. ``Conv -> BatchNorm -> ReLU``), found by tracing
-one forward pass; without one, the end of that chain (or the layer itself). To pick a point
+**Where a layer is ablated.** For each selected layer (a ``Linear``/HF ``Conv1D``/``Conv`` by
+name) the intervention point is the activation module that consumes its output (skipping
+normalisation, dropout and identity modules in between, e.g. ``Conv -> BatchNorm -> ReLU``;
+``torch.nn`` and HF ``transformers.activations`` modules count), found by tracing one forward
+pass; without one, the end of that chain (or the layer itself). Units lie on the layer type's
+unit axis (the registry's): channels for conv, the last axis for linear-family layers, also
+over sequences ``[n, T, d]``; every point must hold the samples on axis 0. To pick a point
 explicitly, name that module (e.g. the ``ReLU``) in ``layers``, or pass
 ``follow_activation=False`` to intervene on exactly the named modules' outputs.
 """
@@ -18,6 +21,18 @@ import torch
 from torch import Tensor, nn
 
 from lightning_probes.core.evaluation import OutputFn, as_logits
+from lightning_probes.core.interventions.accuracy import check_targets
+from lightning_probes.core.interventions.defaults import (
+    choose_default_layers,
+    sample_axes,
+)
+from lightning_probes.core.interventions.defaults import (
+    default_ablation_layers as default_ablation_layers,  # re-exported
+)
+from lightning_probes.core.interventions.defaults import (
+    has_module_of_type as has_module_of_type,  # re-exported
+)
+from lightning_probes.core.interventions.inputs import run, take
 from lightning_probes.core.interventions.points import (
     AblationPoint,
     Call,
@@ -27,7 +42,6 @@ from lightning_probes.core.interventions.points import (
     layer_unit_dim,
 )
 from lightning_probes.core.layers import LayerNames, select_layers
-from lightning_probes.core.modules import CONV_TYPES
 
 
 @dataclass
@@ -41,6 +55,7 @@ class Trace:
         suffix_elements: Largest per-sample output from the first point on, logits included.
         shortcut: ``(name, layer)`` of the single ``Linear``/``Conv`` consuming the first point.
         sparse: ``{layer: (module, input point, point)}`` of layers computed for kept units only.
+        element_size: Bytes per element of the first point's output (memory estimates).
         paths: How many forward passes of evaluations with this trace took each shortcut:
             ``"contributions"`` / ``"columns"`` (the first point's consumer, from all units'
             contributions or per newly ablated columns) and ``"sparse"`` (a sparse layer).
@@ -53,72 +68,53 @@ class Trace:
     shortcut: tuple[str, nn.Module] | None
     sparse: dict[str, tuple[nn.Module, int, int]]
     paths: dict[str, int] = field(default_factory=dict)
+    element_size: int = 4
 
     def record(self, path: str) -> None:
         """Count one use of ``path`` (see :attr:`paths`)."""
         self.paths[path] = self.paths.get(path, 0) + 1
 
 
-def has_module_of_type(model: nn.Module, types: tuple[type[nn.Module], ...]) -> bool:
-    """Whether any submodule of ``model`` (itself included) is an instance of ``types``."""
-    return any(isinstance(m, types) for m in model.modules())
-
-
-def default_ablation_layers(model: nn.Module) -> list[str]:
-    """The paper's default: conv nets the last three conv layers, MLPs all hidden layers.
-
-    Raises:
-        ValueError: If the model has neither conv layers nor at least two ``Linear`` layers.
-    """
-    convs = (
-        list(select_layers(model, types=CONV_TYPES))
-        if has_module_of_type(model, CONV_TYPES)
-        else []
-    )
-    if convs:
-        return convs[-3:]
-    linears = (
-        list(select_layers(model, types=nn.Linear))
-        if has_module_of_type(model, (nn.Linear,))
-        else []
-    )
-    if len(linears) < 2:
-        raise ValueError(
-            f"Expected {type(model).__name__} to have conv layers or at least two Linear layers "
-            "(hidden + output) to choose default ablation layers, got none. Pass `layers=`."
-        )
-    return linears[:-1]
-
-
 def trace_model(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Any,
     layers: LayerNames,
     follow_activation: bool,
     output_fn: OutputFn | None = None,
+    targets: Tensor | None = None,
 ) -> Trace:
     """Trace one forward pass on two samples: the points, their order and the shortcut.
 
+    Each point's output must hold the samples on axis 0: that axis is found by permuting
+    three samples (:func:`~lightning_probes.core.axes.find_sample_axes`), and a point found
+    elsewhere (a sequence-first ``nn.TransformerEncoderLayer``'s ``linear1``) is refused.
+
     Args:
         model: The network (eval mode).
-        inputs: ``[n, ...]`` inputs (only the first two are run).
+        inputs: ``[n, ...]`` inputs: a tensor, or a tuple/dict of tensors sharing axis 0
+            (only the first two/three samples are run).
         layers: Names or globs of modules; ``None``: the paper's default
-            (:func:`default_ablation_layers`).
+            (:func:`choose_default_layers`).
         follow_activation: Move from a layer to the activation module after it.
-        output_fn: Maps the model output to logits ``[n, o]``.
+        output_fn: Maps the model output to logits ``[n, o]`` (or ``[n, L, V]``).
+        targets: If given, the logits' shape is checked against ``targets[:2]``
+            (:func:`~lightning_probes.core.interventions.accuracy.check_targets`).
 
     Returns:
         A :class:`Trace`.
 
     Raises:
-        ValueError: If a layer does not run exactly once, or two layers share a point.
+        ValueError: If a layer does not run exactly once, two layers share a point, a point's
+            samples are not on axis 0, or the logits do not fit the targets.
         TypeError: If ``inputs`` or a point's output is not a tensor.
     """
-    if not isinstance(inputs, Tensor):
-        raise TypeError(f"Expected `inputs` to be a Tensor [n, ...], got {type(inputs).__name__}.")
-    names = default_ablation_layers(model) if layers is None else list(select_layers(model, layers))
     named = dict(model.named_modules())
-    watched = {n: m for n, m in named.items() if n and (not list(m.children()) or n in names)}
+    names = None if layers is None else list(select_layers(model, layers))
+    watched = {
+        k: m
+        for k, m in named.items()
+        if k and (not list(m.children()) or (names is not None and k in names))
+    }
     calls: list[Call] = []
 
     def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
@@ -127,16 +123,20 @@ def trace_model(
 
         return hook
 
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in watched.items()]
+    handles = [m.register_forward_hook(make_hook(k)) for k, m in watched.items()]
     try:
         with torch.enable_grad():
-            logits = as_logits(model(inputs[:2]), output_fn)
+            logits = as_logits(run(model, take(inputs, 0, 2)), output_fn)
     finally:
         for handle in handles:
             handle.remove()
+    if targets is not None:
+        check_targets(logits, targets[:2])
     where: dict[str, list[int]] = {}
     for i, (name, _, _, _) in enumerate(calls):
         where.setdefault(name, []).append(i)
+    if names is None:
+        names = choose_default_layers(model, inputs, calls, where)
     points, positions = [], []
     for layer in names:
         if len(where.get(layer, [])) != 1:
@@ -160,6 +160,7 @@ def trace_model(
             f"Expected the layers {names} to resolve to distinct intervention points, got "
             f"{[p.name for p in points]}. Pass `follow_activation=False` or fewer layers."
         )
+    _check_sample_axes(model, inputs, points)
     order = sorted(range(len(points)), key=lambda i: positions[i])
     first = positions[order[0]]
     sizes = [o[0].numel() if isinstance(o, Tensor) and o.ndim > 0 else 1 for *_, o in calls]
@@ -168,4 +169,21 @@ def trace_model(
         shortcut = None
     suffix = max([*sizes[first:], logits[0].numel()])
     sparse = find_sparse_consumers(calls, points, positions, order, logits, where, shortcut)
-    return Trace(points, order, max(sizes[: first + 1]), suffix, shortcut, sparse)
+    trace = Trace(points, order, max(sizes[: first + 1]), suffix, shortcut, sparse)
+    trace.element_size = calls[first][3].element_size()
+    return trace
+
+
+def _check_sample_axes(model: nn.Module, inputs: Any, points: list[AblationPoint]) -> None:
+    """Refuse points whose output holds the samples on an axis other than 0."""
+    axes = sample_axes(model, inputs, {p.name: p.module for p in points})
+    for p in points:
+        axis = axes[p.name]
+        if axis not in (None, 0):
+            raise ValueError(
+                f"Expected the output of {p.name!r} (the point of layer {p.layer!r}) to hold the "
+                f"samples on axis 0, got axis {axis} (a sequence-first layer, e.g. "
+                "nn.TransformerEncoderLayer(batch_first=False)). Ablation and selectivity need "
+                "batch-first points: pass `layers=` naming batch-first layers, or build the "
+                "model with `batch_first=True`."
+            )

@@ -4,10 +4,10 @@ In the spirit of BackPACK's per-layer extensions with dictionary dispatch: every
 has one module here stating, in a :class:`LayerOps` entry, its unit (feature/channel) axis, its
 tangent-kernel factors, the affine map the landscape planes and the NAD first-layer shortcut
 use, and its unit-ablation contributions (:mod:`~lightning_probes.core.modules.linear`,
+:mod:`~lightning_probes.core.modules.hf` for HF ``Conv1D`` and activations, registered lazily,
 :mod:`~lightning_probes.core.modules.conv`, :mod:`~lightning_probes.core.modules.norm`,
 :mod:`~lightning_probes.core.modules.embedding`,
-:mod:`~lightning_probes.core.modules.elementwise`, and HF ``transformers`` types by name in
-:mod:`~lightning_probes.core.modules.hf`). The probes dispatch through
+:mod:`~lightning_probes.core.modules.elementwise`). The probes dispatch through
 :func:`ops_for`, never on ``isinstance`` chains; a layer type without an entry takes each
 probe's general path (e.g. per-sample gradients with :mod:`torch.func` for its kernel).
 
@@ -31,8 +31,11 @@ A user's own layer type joins with :func:`register`::
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
+from lightning_probes.core.modules import hf
 from lightning_probes.core.modules.conv import CONV_TYPES, ConvOps, conv_patches
 from lightning_probes.core.modules.elementwise import (
     ACTIVATIONS,
@@ -45,13 +48,23 @@ from lightning_probes.core.modules.elementwise import (
     PoolOps,
 )
 from lightning_probes.core.modules.embedding import EmbeddingOps
-from lightning_probes.core.modules.hf import HF_LAYER_OPS, HFConv1DOps
-from lightning_probes.core.modules.linear import LinearOps
+from lightning_probes.core.modules.linear import LinearOps, TransposedLinearOps
 from lightning_probes.core.modules.norm import BatchNormOps, LayerNormOps, NormOps
 from lightning_probes.core.modules.ops import InputColumns, LayerOps, unit_axis
 
 _REGISTRY: dict[type[nn.Module], LayerOps] = {}
-_BY_NAME: dict[tuple[str, str], LayerOps] = {}  # types of packages not imported here (HF)
+_PENDING = set(hf.MODULES)  # transformers submodules whose types have not joined yet
+
+
+def _register_pending() -> None:
+    """Add the entries of HF ``transformers`` submodules imported since the last lookup.
+
+    A type the user registered already keeps the user's entry.
+    """
+    for name in [m for m in _PENDING if m in sys.modules]:
+        _PENDING.discard(name)
+        for t, ops in hf.entries(name).items():
+            _REGISTRY.setdefault(t, ops)
 
 
 def register(layer_type: type[nn.Module], ops: LayerOps) -> None:
@@ -91,25 +104,6 @@ def register(layer_type: type[nn.Module], ops: LayerOps) -> None:
     _REGISTRY[layer_type] = ops
 
 
-def register_by_name(module: str, qualname: str, ops: LayerOps) -> None:
-    """Declare ``ops`` for the class ``module.qualname`` without importing its package.
-
-    For optional dependencies (HF ``transformers``): the entry applies to a module whose class,
-    or a base class, has that ``__module__`` and ``__qualname__``; an entry registered by type
-    with :func:`register` takes precedence.
-    """
-    if not isinstance(ops, LayerOps):
-        raise TypeError(f"Expected `ops` to be a LayerOps instance, got {type(ops).__name__}.")
-    _BY_NAME[(module, qualname)] = ops
-
-
-def _lookup(cls: type) -> LayerOps | None:
-    ops = _REGISTRY.get(cls)
-    if ops is None and _BY_NAME:
-        ops = _BY_NAME.get((cls.__module__, cls.__qualname__))
-    return ops
-
-
 def unregister(layer_type: type[nn.Module]) -> None:
     """Remove ``layer_type``'s entry (a no-op if it has none)."""
     _REGISTRY.pop(layer_type, None)
@@ -135,10 +129,12 @@ def ops_for(module: nn.Module, *, exact: bool = False) -> LayerOps | None:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"Expected an nn.Module instance, got {type(module).__name__}.")
+    if _PENDING:
+        _register_pending()
     if exact:
-        return _lookup(type(module))
+        return _REGISTRY.get(type(module))
     for cls in type(module).__mro__:
-        ops = _lookup(cls)
+        ops = _REGISTRY.get(cls)
         if ops is not None:
             return ops
     return None
@@ -163,8 +159,6 @@ def _register_builtins() -> None:
         register(t, PoolOps())
     for t in DROPOUTS:
         register(t, DropoutOps())
-    for (module, qualname), hf_ops in HF_LAYER_OPS.items():
-        register_by_name(module, qualname, hf_ops)
 
 
 _register_builtins()
@@ -177,7 +171,6 @@ __all__ = [
     "ElementwiseOps",
     "EmbeddingOps",
     "FlattenOps",
-    "HFConv1DOps",
     "IdentityOps",
     "InputColumns",
     "LayerNormOps",
@@ -185,10 +178,10 @@ __all__ = [
     "LinearOps",
     "NormOps",
     "PoolOps",
+    "TransposedLinearOps",
     "conv_patches",
     "ops_for",
     "register",
-    "register_by_name",
     "unit_axis",
     "unregister",
 ]

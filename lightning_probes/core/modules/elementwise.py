@@ -12,7 +12,10 @@ know. Each probe asks its own question of them, stated as a property of the entr
   batch (:mod:`lightning_probes.core.landscape.chain`; exact types only, no parameters or
   buffers). ``PReLU`` has a parameter, so the chain rejects it either way; ``LogSigmoid``
   and ``Threshold`` were never in the chain's set and stay out (``foldable=False``) so that
-  its path, and its numbers, do not change.
+  its path, and its numbers, do not change; nor do ``RReLU``, ``Hardshrink`` and
+  ``Softshrink``, added later as activations for the ablation points.
+- ``non_negative``: the output is never negative (``ReLU``, ``ReLU6``, ``Sigmoid``,
+  ``Softplus``, ``Hardsigmoid``), so class selectivity is defined on its units.
 - ``pointwise``: the function itself, for the NAD local-prefix shortcut
   (:mod:`lightning_probes.core.nad.local`), given for ``ReLU``, ``Tanh``, ``Sigmoid`` and
   ``Identity`` only.
@@ -38,15 +41,21 @@ class ElementwiseOps(LayerOps):
     Args:
         foldable: See :attr:`LayerOps.foldable`.
         pointwise: The function, when the NAD local-prefix shortcut may apply it.
+        non_negative: Its output is never negative (see :attr:`LayerOps.non_negative`).
     """
 
     activation = True
 
     def __init__(
-        self, foldable: bool = True, pointwise: Callable[[Tensor], Tensor] | None = None
+        self,
+        foldable: bool = True,
+        pointwise: Callable[[Tensor], Tensor] | None = None,
+        *,
+        non_negative: bool = False,
     ) -> None:
         self.foldable = foldable
         self.pointwise = pointwise
+        self.non_negative = non_negative
 
 
 def _identity(t: Tensor) -> Tensor:
@@ -54,19 +63,21 @@ def _identity(t: Tensor) -> Tensor:
 
 
 ACTIVATIONS: dict[type[nn.Module], ElementwiseOps] = {
-    nn.ReLU: ElementwiseOps(pointwise=torch.relu),
+    nn.ReLU: ElementwiseOps(pointwise=torch.relu, non_negative=True),
     nn.Tanh: ElementwiseOps(pointwise=torch.tanh),
-    nn.Sigmoid: ElementwiseOps(pointwise=torch.sigmoid),
+    nn.Sigmoid: ElementwiseOps(pointwise=torch.sigmoid, non_negative=True),
+    **{t: ElementwiseOps(non_negative=True) for t in (nn.ReLU6, nn.Softplus, nn.Hardsigmoid)},
     **{
         t: ElementwiseOps()
         for t in (
-            *(nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU),
-            *(nn.Mish, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid),
-            nn.Tanhshrink,
+            *(nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU),
+            *(nn.Mish, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Tanhshrink),
         )
     },
-    nn.LogSigmoid: ElementwiseOps(foldable=False),
-    nn.Threshold: ElementwiseOps(foldable=False),
+    **{
+        t: ElementwiseOps(foldable=False)
+        for t in (nn.LogSigmoid, nn.Threshold, nn.RReLU, nn.Hardshrink, nn.Softshrink)
+    },
 }
 """The elementwise activations, each with what the probes may do with it."""
 

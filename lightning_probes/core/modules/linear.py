@@ -1,12 +1,13 @@
-r"""Layers that are a linear map on the last axis: ``nn.Linear``.
+r"""Layers that are a linear map on the last axis: ``nn.Linear`` and HF ``Conv1D``.
 
 :math:`z_{\ldots c} = \sum_i W_{ci}\, a_{\ldots i} + b_c` for inputs of any leading shape
-(``[n, i]`` or a sequence ``[n, T, i]``); the features of the last axis are the units.
+(``[n, i]`` or a sequence ``[n, T, i]``); the features of the last axis are the units (over a
+sequence a unit's activity is averaged over positions, as a conv map is over space, and
+ablating it zeroes it at every position).
 HF ``transformers.pytorch_utils.Conv1D`` computes the same map with the weight stored
-transposed (``[in, out]``): an entry for it overrides :meth:`LinearOps.apply`,
-:meth:`~LinearOps.select_outputs`, :meth:`~LinearOps.select_inputs`,
-:meth:`~LinearOps.unit_contributions` and :meth:`~LinearOps.per_point_forward` where the
-weight's layout enters (:mod:`lightning_probes.core.modules.hf`).
+transposed (``[in, out]``, :math:`z = a W + b`): :class:`TransposedLinearOps` overrides the
+methods where the weight's layout enters (registered lazily, see
+:mod:`lightning_probes.core.modules.hf`).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class LinearOps(LayerOps):
     def per_point_forward(self, module: nn.Module, w: dict[str, Tensor], z: Tensor) -> Tensor:
         """One batched matmul over the points ``P``: ``z [P, n, ..., in] -> [P, n, ..., out]``."""
         x, weight = z.reshape(z.shape[0], -1, z.shape[-1]), w["weight"]
-        if _weight(module).shape[0] < NARROW_OUTPUTS:  # [P, o, N] then a transposed view: a narrow
+        if w["weight"].shape[1] < NARROW_OUTPUTS:  # [P, o, N] then a transposed view: a narrow
             # head's GEMM and the softmax over its outputs run faster along the long sample axis
             xt = x.transpose(1, 2)
             out = torch.baddbmm(w["bias"][..., None], weight, xt) if "bias" in w else weight @ xt
@@ -95,3 +96,40 @@ class LinearOps(LayerOps):
         pix = torch.arange(d)
         out_shape = (int(_weight(module).shape[0]),)
         return pix, pix.clone(), torch.zeros(d, dtype=torch.long), 1, out_shape
+
+
+class TransposedLinearOps(LinearOps):
+    """HF ``Conv1D``: ``x @ weight + bias`` with ``weight`` stored ``[in, out]``.
+
+    The map, its units and its kernel factors are those of :class:`LinearOps`; only the
+    methods that read the weight's layout differ.
+    """
+
+    def apply(self, module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``x @ weight + bias`` on ``[..., in]`` (``weight`` ``[in, out]``)."""
+        return F.linear(x, weight.t(), bias)
+
+    def unit_contributions(
+        self, module: nn.Module, d: Tensor, out_shape: tuple[int, ...]
+    ) -> Tensor:
+        r""":math:`P_c = d_{\cdot c} W_{c \cdot}`, ``[u, n, ..., out]``."""
+        weight = _weight(module)
+        u, o = weight.shape
+        w = weight.reshape(u, *([1] * (d.ndim - 1)), o)
+        return d.movedim(-1, 0).unsqueeze(-1) * w
+
+    def select_outputs(self, weight: Tensor, idx: Tensor) -> Tensor:
+        """Columns ``idx`` of ``[in, out]``."""
+        return weight.index_select(1, idx)
+
+    def select_inputs(self, weight: Tensor, idx: Tensor) -> Tensor:
+        """Rows ``idx`` of ``[in, out]``."""
+        return weight.index_select(0, idx)
+
+    def per_point_forward(self, module: nn.Module, w: dict[str, Tensor], z: Tensor) -> Tensor:
+        """:meth:`LinearOps.per_point_forward` with each point's weight transposed."""
+        return super().per_point_forward(module, {**w, "weight": w["weight"].transpose(1, 2)}, z)
+
+    def accepts_input(self, module: nn.Module, input_shape: tuple[int, ...]) -> bool:
+        """``False``: the NAD first-layer shortcut reads the weight as ``[out, in]``."""
+        return False

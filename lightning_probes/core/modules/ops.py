@@ -48,6 +48,8 @@ class LayerOps:
             computation leads to.
         passes_units: Keeps the unit layout of its input (normalisation, dropout, identity):
             the ablation point moves past it to the activation.
+        non_negative: Its output is >= 0 for every input (``ReLU``, ``Sigmoid``, ...): the
+            class selectivity index (Morcos et al. 2018, eq. 1) is defined on its units.
         pointwise: The elementwise function itself, for the NAD local-prefix shortcut.
         jointly_affine: Its output is affine in its parameters jointly (Linear, Conv,
             eval-mode BatchNorm, LayerNorm), so :meth:`per_point_forward` evaluates many weight
@@ -62,6 +64,7 @@ class LayerOps:
     channelwise: bool = False
     activation: bool = False
     passes_units: bool = False
+    non_negative: bool = False
     pointwise: Callable[[Tensor], Tensor] | None = None
     jointly_affine: bool = False
     default_layer: bool = False

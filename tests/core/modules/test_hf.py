@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from lightning_probes.core.modules import HFConv1DOps, LinearOps, ops_for
+from lightning_probes.core.modules import LinearOps, TransposedLinearOps, ops_for
 
 pytest.importorskip("transformers")
 
@@ -27,7 +27,7 @@ def conv1d(nf=4, nx=3):
 def test_conv1d_is_a_linear_layer_by_name():
     m = conv1d()
     ops = ops_for(m)
-    assert isinstance(ops, HFConv1DOps) and isinstance(ops, LinearOps)
+    assert isinstance(ops, TransposedLinearOps) and isinstance(ops, LinearOps)
     assert ops_for(m, exact=True) is ops and ops.default_layer and ops.unit_dim == -1
     assert ops.moves_samples(m, 1, 3) and not ops.moves_samples(m, 2, 3)
 
