@@ -139,3 +139,33 @@ def test_random_op_in_eval_and_unreadable_outputs_stop_fit_at_start(tmp_path, pr
     with pytest.raises(ValueError, match="output_fn=") as err:
         trainer.fit(DictOut(), make_loader())
     assert trainer.global_step == 0 and "could not be evaluated" in str(err.value)
+
+
+def test_landscape_on_bert_dict_inputs_matches_the_masked_loss(tmp_path):
+    """The landscape probe used to fail at every run on dict inputs (`attention_mask` not
+    passed); its loss and its plane's centre now equal the masked loss computed by hand."""
+    from conftest import make_trainer
+
+    import lightning_probes as lp
+
+    torch.manual_seed(0)
+    model = BertClassifier()
+    data = token_data(24, classes=3)
+    inputs = {"input_ids": data["input_ids"][:8], "attention_mask": data["attention_mask"][:8]}
+    cb = lp.LandscapeCallback(
+        every_n_steps=1, probe_data=(inputs, data["labels"][:8]), plane_resolution=3,
+        on_error="raise",
+    )  # fmt: skip
+    trainer = make_trainer(tmp_path, [cb], max_steps=1)
+    trainer.fit(model, dict_loader(data))
+    model.eval()
+    with torch.no_grad():
+        per = [
+            nn.functional.cross_entropy(
+                model(inputs["input_ids"][i : i + 1], inputs["attention_mask"][i : i + 1]),
+                data["labels"][i : i + 1],
+            )
+            for i in range(8)
+        ]
+    want = float(torch.stack(per).mean())
+    assert trainer.logger.values_of("probes/landscape/loss")[-1] == pytest.approx(want, rel=1e-5)

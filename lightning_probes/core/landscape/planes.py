@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from lightning_probes.core.data import ProbeSet, slice_rows
+from lightning_probes.core.data import ProbeSet, model_arguments, slice_rows
 from lightning_probes.core.evaluation import LossFn, OutputFn, chunks, probe_loss
 from lightning_probes.core.landscape.affine import affine_family_loss
 from lightning_probes.functional.landscape import OneDimPolicy, filter_normalize
@@ -310,7 +310,8 @@ def _activations_per_sample(model: nn.Module, inputs: Any) -> int:
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:
         with torch.no_grad():
-            model(*(one if isinstance(one, tuple) else (one,)))
+            args, kwargs = model_arguments(one)
+            model(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
