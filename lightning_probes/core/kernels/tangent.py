@@ -128,7 +128,9 @@ def tangent_kernel_factors(
     parts: list[dict[str, LayerRecord]] = []
     for chunk_inputs, _, size in chunks(data, chunk_size):
         records, _ = record_layers(model, chunk_inputs, selected, output_fn, total=len(data))
-        parts.append({k: to_sample_first(r, axes[k], k, size) for k, r in records.items()})
+        parts.append(
+            {k: to_sample_first(selected[k], r, axes[k], k, size) for k, r in records.items()}
+        )
     merged = {name: _merge([p[name] for p in parts]) for name in selected}
     return {
         name: _factors(module, merged[name], method, chunk_size)
@@ -237,7 +239,7 @@ def forward_backward_kernels(
     axes = sample_axes(model, inputs, selected)
     records, _ = record_layers(model, inputs, selected, output_fn)
     n = len(ProbeSet(inputs, None))
-    records = {k: to_sample_first(r, axes[k], k, n) for k, r in records.items()}
+    records = {k: to_sample_first(selected[k], r, axes[k], k, n) for k, r in records.items()}
     out = {}
     for name, module in selected.items():
         a, grads = layer_input(records[name]), records[name].grads
