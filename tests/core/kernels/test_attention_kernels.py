@@ -118,3 +118,26 @@ def test_attention_with_masks_and_separate_key_value_sizes(batch_first, per_samp
     want = reference_kernels(net, inputs, ["attn"], recurse=True)
     assert_close_kernels(got, want)
     assert len(dict(net.attn.named_parameters())) == 8  # q/k/v_proj, bias, bias_k/v, out_proj
+
+
+class AcrossTheBatch(nn.Module):
+    """A sequence-first attention fed batch-first tensors: it attends across the samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2)  # batch_first=False: expects [L, n, E]
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):  # x [n, L, 4], read by the attention as [L', n', E]
+        return self.head(self.attn(x, x, x)[0].mean(1))
+
+
+def test_attention_mixing_the_samples_is_refused():
+    """Its output follows the samples on axis 0, which for this layout is the sequence axis:
+    a per-sample kernel would be a silently wrong number."""
+    torch.manual_seed(0)
+    net = AcrossTheBatch().double().eval()
+    x = torch.randn(4, 3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"'attn' \(MultiheadAttention\): Expected query, key "
+                       r"and value with the 4 samples on axis 1 \(batch_first"):  # fmt: skip
+        layer_tangent_kernels(net, x, layers="attn")
