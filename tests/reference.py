@@ -6,8 +6,11 @@ import torch
 from torch.func import functional_call, jacrev, vmap
 
 
-def reference_kernels(model, x, names, output_fn=None):
+def reference_kernels(model, x, names, output_fn=None, *, recurse=False):
     """Naive reference: per-sample Jacobians of the logits with vmap(jacrev), then J J^T.
+
+    The Jacobian is w.r.t. each named module's own parameters, or with ``recurse=True`` all of
+    its parameters, its children's included (``nn.MultiheadAttention`` with ``out_proj``).
 
     ``x`` is a batch-first tensor (``model(x)``) or a dict of them (``model(**x)``, one
     ``jacrev`` per sample in a loop: HF masks take data-dependent branches that vmap refuses);
@@ -17,7 +20,8 @@ def reference_kernels(model, x, names, output_fn=None):
     modules = dict(model.named_modules())
     out = {}
     for name in names:
-        own = {f"{name}.{k}": v.detach() for k, v in modules[name].named_parameters(recurse=False)}
+        mine = modules[name].named_parameters(recurse=recurse)
+        own = {f"{name}.{k}": v.detach() for k, v in mine}
 
         def f(p, xi):
             if isinstance(xi, dict):

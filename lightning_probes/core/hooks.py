@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_probes.core.modules import layer_output
+
 
 @dataclass
 class Captured:
@@ -67,7 +69,8 @@ def capture(
         layers: ``{name: module}``, e.g. from
             :func:`~lightning_probes.core.layers.select_layers`.
         inputs: Record each call's first positional input.
-        outputs: Record each call's output (must be a tensor).
+        outputs: Record each call's output (must be a tensor; for a layer whose registry entry
+            reads a tuple, that tensor: ``nn.MultiheadAttention``'s attention output).
         detach: Record detached copies, safe from later in-place ops on the same storage
             (``False`` records the graph's own tensors, differentiable).
 
@@ -96,6 +99,7 @@ def capture(
 
     def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            output = layer_output(module, output)  # e.g. MultiheadAttention's output[0]
             if not isinstance(output, Tensor):
                 raise TypeError(
                     f"Expected layer {name!r} to return a Tensor, got "

@@ -25,13 +25,16 @@ def test_sequence_first_encoder_defaults_log_the_reference_alignment(tmp_path):
     cb = LayerCKACallback(probe_size=SEQ, every_n_steps=2, log_figures=False, stable_rank=False)
     trainer = make_trainer(tmp_path, [cb], max_steps=2)
     trainer.fit(model, seq_loader(32))
-    blocks = [f"encoder.layers.{i}.linear{j}" for i in (0, 1) for j in (1, 2)]
+    # the attention blocks are layers of their own (all their parameters, out_proj's included)
+    blocks = [
+        f"encoder.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn", "linear1", "linear2")
+    ]
     assert cb._layer_names == [*blocks, "head"]
     steps, hist = cb.history
     assert steps == [2]
     data = cb.probe_set  # T == n == 12: the sequence axis has the sample axis' size
     net = model.double().eval()
-    kernels = reference_kernels(net, data.inputs, cb._layer_names)
+    kernels = reference_kernels(net, data.inputs, cb._layer_names, recurse=True)
     want = [float(kernel_label_alignment(kernels[k], data.targets, 3)) for k in cb._layer_names]
     torch.testing.assert_close(
         torch.as_tensor(hist[0]), torch.tensor(want).double(), rtol=1e-4, atol=1e-6

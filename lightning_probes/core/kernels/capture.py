@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lightning_probes.core.data import ProbeSet, model_arguments
 from lightning_probes.core.evaluation import OutputFn, as_logits
+from lightning_probes.core.modules import layer_output, layer_parameters, with_layer_output
 
 Classes = Sequence[int] | Tensor | None
 """Output columns (classes) a kernel is restricted to; ``None``: all."""
@@ -151,7 +152,8 @@ def record_layers(
     calls: dict[str, list[tuple[tuple[Any, ...], dict[str, Any], Tensor]]] = {k: [] for k in layers}
 
     def make_hook(name: str) -> Callable[..., Tensor]:
-        def hook(module: nn.Module, a: tuple[Any, ...], kw: dict[str, Any], out: Any) -> Tensor:
+        def hook(module: nn.Module, a: tuple[Any, ...], kw: dict[str, Any], output: Any) -> Any:
+            out = layer_output(module, output)  # MultiheadAttention: the attention output [0]
             if not isinstance(out, Tensor):
                 raise TypeError(
                     f"Expected layer {name!r} to return a Tensor, got {type(out).__name__}. "
@@ -159,11 +161,11 @@ def record_layers(
                 )
             calls[name].append((_detach(a), _detach(kw), out))
             # later in-place ops (ReLU(inplace=True)) act on the clone, not on the recorded output
-            return out.clone()
+            return with_layer_output(module, output, out.clone())
 
         return hook
 
-    own = [p for m in layers.values() for p in m.parameters(recurse=False)]
+    own = [p for m in layers.values() for p in layer_parameters(m).values()]
     handles = [m.register_forward_hook(make_hook(k), with_kwargs=True) for k, m in layers.items()]
     try:
         with torch.enable_grad(), _require_grad(own):

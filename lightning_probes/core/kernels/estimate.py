@@ -33,6 +33,7 @@ from lightning_probes.core.data import model_arguments
 from lightning_probes.core.evaluation import OutputFn, as_logits
 from lightning_probes.core.kernels.capture import check_batchnorm_eval
 from lightning_probes.core.kernels.tangent import Layers, resolve_layers
+from lightning_probes.core.modules import layer_parameters
 from lightning_probes.functional.alignment import Centering, center, centered_labels
 
 
@@ -96,7 +97,7 @@ def estimate_layer_alignments(
     for name, module in selected.items():
         prefix = module_names[id(module)]
         prefix = f"{prefix}." if prefix else ""
-        own = {f"{prefix}{k}": p.detach() for k, p in module.named_parameters(recurse=False)}
+        own = {f"{prefix}{k}": p.detach() for k, p in layer_parameters(module).items()}
         out[name] = _estimate_layer(
             lambda p: as_logits(functional_call(model, {**params, **p}, args, kwargs), output_fn),
             own, targets, centering, num_probes, gen, probe_chunk,

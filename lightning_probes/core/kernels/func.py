@@ -9,30 +9,37 @@ vector-Jacobian products of the module alone,
 
 computed with ``vmap`` over samples (``chunk_size`` at a time) and outputs, around
 ``functional_call`` + ``vjp``. Only the module is differentiated, never the whole network again.
+The layer's parameters and how it is called functionally come from its registry entry
+(:meth:`~lightning_probes.core.modules.LayerOps.layer_parameters`,
+:meth:`~lightning_probes.core.modules.LayerOps.functional_forward`): by default the parameters
+it owns directly and its output; for ``nn.MultiheadAttention`` every parameter of the block
+and the attention output.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import vjp, vmap
 
 from lightning_probes.core.kernels.capture import LayerRecord
 from lightning_probes.core.kernels.factors import JacobianFactors
+from lightning_probes.core.modules import LayerOps, ops_for
 
 
 def func_factors(module: nn.Module, record: LayerRecord, chunk_size: int | None) -> JacobianFactors:
-    """Per-sample Jacobian rows of ``module``'s own parameters, on demand per sample range.
+    """Per-sample Jacobian rows of the layer's parameters, on demand per sample range.
 
     Args:
-        module: The layer (its direct parameters are the layer's parameters).
-        record: Its recorded inputs and output gradients ``[o, n, *out]``.
+        module: The layer (its parameters: its registry entry's ``layer_parameters``).
+        record: Its recorded inputs, samples first, and output gradients ``[o, n, *out]``.
         chunk_size: Samples per ``vmap`` call (``None``: all).
 
     Returns:
         :class:`~lightning_probes.core.kernels.factors.JacobianFactors`.
     """
-    params = {k: p.detach() for k, p in module.named_parameters(recurse=False)}
+    ops = ops_for(module) or LayerOps()
+    params = {k: p.detach() for k, p in ops.layer_parameters(module).items()}
     names = list(params)
     grads = record.grads
     o, n = grads.shape[:2]
@@ -44,7 +51,7 @@ def func_factors(module: nn.Module, record: LayerRecord, chunk_size: int | None)
         args = tuple(next(it).unsqueeze(0) if b else a for a, b in zip(record.args, batched))
 
         def g(pp: dict[str, Tensor]) -> Tensor:
-            return functional_call(module, pp, args, kwargs)
+            return ops.functional_forward(module, pp, args, kwargs)
 
         _, pullback = vjp(g, p)  # type: ignore[misc]
         rows = vmap(pullback)(delta.unsqueeze(1))[0]  # {name: [o, *param_shape]}

@@ -3,9 +3,11 @@ r"""Which layers a kernel can be computed for, and where each keeps its samples.
 A kernel row is ``(sample, output)``, so every selected layer must
 
 - run exactly once per forward (a module called twice shares its weights between two places;
-  ``nn.MultiheadAttention.out_proj`` never runs as a module at all),
+  ``nn.MultiheadAttention.out_proj`` never runs as a module at all: the attention block is
+  the layer, with all its parameters, see :mod:`lightning_probes.core.modules.attention`),
 - own parameters that no other module uses (tied weights, e.g. GPT-2's ``lm_head`` and
-  ``wte``: the kernel w.r.t. a shared parameter would have to sum over all its uses),
+  ``wte``: the kernel w.r.t. a shared parameter would have to sum over all its uses) and no
+  other selected layer counts as its own (``out_proj`` selected with its attention block),
 - hold its samples on one axis of its output, found by permuting samples
   (:func:`~lightning_probes.core.axes.find_sample_axes`, exact also when ``T == n``): axis 0,
   or another axis that its registry entry lets move to 0
@@ -14,8 +16,9 @@ A kernel row is ``(sample, output)``, so every selected layer must
 
 What fails is refused before any kernel is computed, with a message naming the layer. The
 default selection (``layers=None``) keeps the weight layers of the registry
-(:attr:`~lightning_probes.core.modules.LayerOps.default_layer`: Linear, Conv, HF ``Conv1D``)
-that pass these checks on the first samples.
+(:attr:`~lightning_probes.core.modules.LayerOps.default_layer`: Linear, Conv, HF ``Conv1D``,
+``nn.MultiheadAttention``) that pass these checks on the first samples; a module whose
+parameters belong to a selected layer (``out_proj`` inside its attention) is not a layer.
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ from lightning_probes.core.axes import find_sample_axes
 from lightning_probes.core.data import ProbeSet, model_arguments
 from lightning_probes.core.kernels.capture import LayerRecord, check_batchnorm_eval
 from lightning_probes.core.layers import owns_parameters
-from lightning_probes.core.modules import ops_for
+from lightning_probes.core.modules import layer_output, layer_parameters, ops_for
 
 NOT_A_MODULE_CALL = (
     " A module whose parent uses its parameters directly (nn.MultiheadAttention.out_proj) "
-    "never runs as a module."
+    "never runs as a module: select the parent (the attention block is one layer)."
 )
 
 
@@ -48,14 +51,30 @@ def tied_parameters(model: nn.Module) -> dict[int, list[str]]:
 
 
 def check_untied(model: nn.Module, layers: Mapping[str, nn.Module]) -> None:
-    """Refuse layers owning a parameter that another module also owns (tied weights).
+    """Refuse layers sharing a parameter with another module or another selected layer.
+
+    Tied weights (a parameter two modules own), or a parameter another selected layer counts
+    as its own (``out_proj`` selected with its attention block).
 
     Raises:
         ValueError: Naming the layer and the other module(s) sharing its parameter.
     """
+    claimed: dict[int, str] = {}
+    for name, module in layers.items():
+        for p in layer_parameters(module).values():
+            other = claimed.setdefault(id(p), name)
+            if other != name:
+                first, second = sorted(  # the block first, the part of it second
+                    (other, name), key=lambda k: -len(layer_parameters(layers[k]))
+                )
+                raise ValueError(
+                    f"Expected layers with parameters of their own, got {second!r}, whose "
+                    f"parameters are part of layer {first!r} ({type(layers[first]).__name__} "
+                    f"computes with them: it is one layer). Select only {first!r}."
+                )
     tied = tied_parameters(model)
     for name, module in layers.items():
-        for pname, p in module.named_parameters(recurse=False):
+        for pname, p in layer_parameters(module).items():
             if id(p) in tied:
                 others = [t for t in tied[id(p)] if t != f"{name}.{pname}"]
                 raise ValueError(
@@ -80,14 +99,20 @@ def default_kernel_layers(model: nn.Module, inputs: Any = None) -> dict[str, nn.
     """
     tied = tied_parameters(model)
     named = [(k, m) for k, m in model.named_modules() if k]
-    selected = {
-        name: m
-        for name, m in named
-        if (ops := ops_for(m)) is not None
-        and ops.default_layer
-        and owns_parameters(m)
-        and not any(id(p) in tied for p in m.parameters(recurse=False))
-    }
+    selected: dict[str, nn.Module] = {}
+    claimed: set[int] = set()  # children's parameters that a parent layer computes with
+    for name, m in named:  # parents first
+        ops = ops_for(m)
+        params = layer_parameters(m).values()
+        if (
+            ops is not None
+            and ops.default_layer
+            and owns_parameters(m)
+            and not any(id(p) in tied or id(p) in claimed for p in params)
+        ):
+            selected[name] = m
+        own = {id(p) for p in m.parameters(recurse=False)}
+        claimed.update(id(p) for p in params if id(p) not in own)
     if inputs is not None and selected:
         outputs = layer_outputs(model, _first_rows(inputs, 2), selected)
         selected = {k: m for k, m in selected.items() if outputs[k]}
@@ -112,7 +137,8 @@ def layer_outputs(
     outs: dict[str, list[Any]] = {k: [] for k in layers}
 
     def make_hook(name: str) -> Callable[[nn.Module, Any, Any], None]:
-        def hook(module: nn.Module, args: Any, out: Any) -> None:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            out = layer_output(module, output)  # MultiheadAttention: the attention output
             outs[name].append(out.detach() if isinstance(out, Tensor) else out)
 
         return hook
@@ -159,8 +185,9 @@ def sample_axes(model: nn.Module, inputs: Any, layers: Mapping[str, nn.Module]) 
         if not isinstance(outs[0], Tensor):
             raise TypeError(
                 f"Expected layer {name!r} to return a Tensor, got {type(outs[0]).__name__}. "
-                "Select modules whose output is a tensor (e.g. the projections inside "
-                "an attention block rather than the block)."
+                "Select modules whose output is a tensor, or register the type "
+                "(lightning_probes.core.modules.register) with an entry whose `output_index` "
+                "says which element of its output the layer's output is."
             )
     if m == 1:
         found: dict[str, int | None] = {k: 0 if o[0].shape[:1] == (1,) else None
@@ -206,10 +233,17 @@ def layer_input(record: LayerRecord) -> Tensor:
     raise TypeError("Expected a layer called with a tensor input, got none.")
 
 
-def to_sample_first(record: LayerRecord, axis: int, name: str, num_samples: int) -> LayerRecord:
+def to_sample_first(
+    module: nn.Module, record: LayerRecord, axis: int, name: str, num_samples: int
+) -> LayerRecord:
     """``record`` with the sample ``axis`` of the layer's input and output moved to 0.
 
+    The inputs take the form the layer's registry entry gives
+    (:meth:`~lightning_probes.core.modules.LayerOps.sample_first_inputs`, e.g. the query, key,
+    value and masks of ``nn.MultiheadAttention``); by default its one tensor input is moved.
+
     Args:
+        module: The layer.
         record: What :func:`~lightning_probes.core.kernels.capture.record_layers` recorded.
         axis: The sample axis of the layer's output (from :func:`sample_axes`).
         name: The layer's name, for messages.
@@ -225,6 +259,19 @@ def to_sample_first(record: LayerRecord, axis: int, name: str, num_samples: int)
             f"Expected layer {name!r} to hold the {num_samples} samples on axis {axis} of its "
             f"output, got shape {shape}. Exclude it from `layers=`."
         )
+    ops = ops_for(module)
+    try:
+        moved_inputs = (
+            None
+            if ops is None
+            else ops.sample_first_inputs(module, record.args, record.kwargs, axis, num_samples)
+        )
+    except ValueError as err:
+        raise ValueError(
+            f"Layer {name!r} ({type(module).__name__}): {err} Exclude it from `layers=`."
+        ) from err
+    if moved_inputs is not None:
+        return LayerRecord(*moved_inputs, record.grads.movedim(axis + 1, 1))
     if axis == 0:
         return record
     tensors = [a for a in (*record.args, *record.kwargs.values()) if isinstance(a, Tensor)]

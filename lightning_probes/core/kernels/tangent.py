@@ -6,7 +6,9 @@ the ``(n·o, n·o)`` matrix with row index ``i·o + c``
 .. math:: K_l[(i, c), (j, d)] = \nabla_{\theta_l} f_c(x_i) \cdot \nabla_{\theta_l} f_d(x_j),
 
 the NTK of the network when only layer ``l``'s own parameters move (Lou et al., ICML 2022,
-Sec. 2; Baratin et al. 2021). A "layer" is one module with the parameters it owns directly.
+Sec. 2; Baratin et al. 2021). A "layer" is one module with the parameters it owns directly,
+or those its registry entry gives it: ``nn.MultiheadAttention`` is one layer with all its
+parameters (``out_proj``'s included) and its attention output ``output[0]``.
 
 First, every selected layer is checked (:mod:`lightning_probes.core.kernels.layout`): it runs
 once per forward, shares no parameter with another module (tied weights are refused), and its
@@ -25,8 +27,9 @@ How it is computed, without materialising per-sample gradients where avoidable:
   :math:`K = (A A^T + 1) \circ (\Delta \Delta^T)` of eq. (9), summed over position pairs, or
   per-sample gradients, whichever a flop count says is cheaper
   (:mod:`lightning_probes.core.kernels.factors`).
-- Any other module with parameters (LayerNorm, BatchNorm in eval, Embedding, custom): per-sample
-  vector-Jacobian products with :mod:`torch.func` (:mod:`lightning_probes.core.kernels.func`).
+- Any other module with parameters (LayerNorm, BatchNorm in eval, Embedding,
+  ``nn.MultiheadAttention``, custom): per-sample vector-Jacobian products with :mod:`torch.func`
+  (:mod:`lightning_probes.core.kernels.func`).
 
 The gradients of all ``o`` outputs w.r.t. every selected layer's output come from one forward
 and one batched backward (:mod:`lightning_probes.core.kernels.capture`).
@@ -72,10 +75,10 @@ Layers = LayerSelection  # the kernels' name for a layer selection (re-exported)
 def resolve_layers(model: nn.Module, layers: Layers, *, inputs: Any = None) -> dict[str, nn.Module]:
     """``{name: module}`` from names/globs, a ready mapping, or ``None`` (the default layers).
 
-    The default layers are the registry's weight layers (Linear, Conv, HF ``Conv1D``) with
-    parameters of their own that no other module shares; with ``inputs``, only those that run
-    on the first two samples (not ``nn.MultiheadAttention.out_proj``, whose parameters the
-    attention uses without calling it).
+    The default layers are the registry's weight layers (Linear, Conv, HF ``Conv1D``,
+    ``nn.MultiheadAttention``) with parameters of their own that no other module shares, not
+    counting modules whose parameters belong to such a layer (``out_proj``, which the attention
+    uses without calling it); with ``inputs``, only those that run on the first two samples.
 
     Args:
         model: The network.
@@ -128,7 +131,9 @@ def tangent_kernel_factors(
     parts: list[dict[str, LayerRecord]] = []
     for chunk_inputs, _, size in chunks(data, chunk_size):
         records, _ = record_layers(model, chunk_inputs, selected, output_fn, total=len(data))
-        parts.append({k: to_sample_first(r, axes[k], k, size) for k, r in records.items()})
+        parts.append(
+            {k: to_sample_first(selected[k], r, axes[k], k, size) for k, r in records.items()}
+        )
     merged = {name: _merge([p[name] for p in parts]) for name in selected}
     return {
         name: _factors(module, merged[name], method, chunk_size)
@@ -157,8 +162,9 @@ def layer_tangent_kernels(
             (``model(*args)``) or a mapping (``model(**kwargs)``, e.g. ``input_ids`` with
             ``attention_mask``), all sharing the sample axis 0.
         layers: Names or ``fnmatch`` globs from ``model.named_modules()``, a ``{name: module}``
-            mapping, or ``None`` for every Linear/Conv/HF ``Conv1D`` layer that runs in the
-            forward and shares no parameter (see :func:`resolve_layers`).
+            mapping, or ``None`` for every Linear/Conv/HF ``Conv1D``/``MultiheadAttention``
+            layer that runs in the forward and shares no parameter (see
+            :func:`resolve_layers`).
         output_fn: Maps the model output to logits ``[n, o]`` (e.g. a language model's last
             position, ``lambda out: out[:, -1]``).
         chunk_size: Samples per forward/backward and per kernel block (``None``: all at once).
@@ -237,7 +243,7 @@ def forward_backward_kernels(
     axes = sample_axes(model, inputs, selected)
     records, _ = record_layers(model, inputs, selected, output_fn)
     n = len(ProbeSet(inputs, None))
-    records = {k: to_sample_first(r, axes[k], k, n) for k, r in records.items()}
+    records = {k: to_sample_first(selected[k], r, axes[k], k, n) for k, r in records.items()}
     out = {}
     for name, module in selected.items():
         a, grads = layer_input(records[name]), records[name].grads

@@ -7,9 +7,11 @@ use, and its unit-ablation contributions (:mod:`~lightning_probes.core.modules.l
 :mod:`~lightning_probes.core.modules.hf` for HF ``Conv1D`` and activations, registered lazily,
 :mod:`~lightning_probes.core.modules.conv`, :mod:`~lightning_probes.core.modules.norm`,
 :mod:`~lightning_probes.core.modules.embedding`,
-:mod:`~lightning_probes.core.modules.elementwise`). The probes dispatch through
-:func:`ops_for`, never on ``isinstance`` chains; a layer type without an entry takes each
-probe's general path (e.g. per-sample gradients with :mod:`torch.func` for its kernel).
+:mod:`~lightning_probes.core.modules.elementwise`,
+:mod:`~lightning_probes.core.modules.attention` for ``nn.MultiheadAttention`` as one layer).
+The probes dispatch through :func:`ops_for`, never on ``isinstance`` chains; a layer type
+without an entry takes each probe's general path (e.g. per-sample gradients with
+:mod:`torch.func` for its kernel).
 
 A user's own layer type joins with :func:`register`::
 
@@ -32,10 +34,12 @@ A user's own layer type joins with :func:`register`::
 from __future__ import annotations
 
 import sys
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_probes.core.modules import hf
+from lightning_probes.core.modules.attention import AttentionOps
 from lightning_probes.core.modules.conv import CONV_TYPES, ConvOps, conv_patches
 from lightning_probes.core.modules.elementwise import (
     ACTIVATIONS,
@@ -140,6 +144,42 @@ def ops_for(module: nn.Module, *, exact: bool = False) -> LayerOps | None:
     return None
 
 
+_GENERAL = LayerOps()  # a layer type without an entry
+
+
+def layer_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """``{name: parameter}`` of the layer ``module`` (see :meth:`LayerOps.layer_parameters`).
+
+    Its own parameters, or for a type whose entry says so all of its block's
+    (``nn.MultiheadAttention``: ``in_proj_weight``, ..., ``out_proj.weight``).
+
+    Example:
+        >>> list(layer_parameters(nn.MultiheadAttention(4, 2)))
+        ['in_proj_weight', 'in_proj_bias', 'out_proj.weight', 'out_proj.bias']
+    """
+    return (ops_for(module) or _GENERAL).layer_parameters(module)
+
+
+def layer_output(module: nn.Module, output: Any) -> Any:
+    """The tensor the probes read from ``module``'s ``output`` (:attr:`LayerOps.output_index`).
+
+    ``output`` itself, or e.g. the attention output ``output[0]`` of ``nn.MultiheadAttention``;
+    anything that is not a tuple is returned as is (for the caller to refuse).
+    """
+    index = (ops_for(module) or _GENERAL).output_index
+    if index is None or not isinstance(output, tuple) or len(output) <= index:
+        return output
+    return output[index]
+
+
+def with_layer_output(module: nn.Module, output: Any, tensor: Tensor) -> Any:
+    """``output`` with the tensor :func:`layer_output` reads replaced by ``tensor``."""
+    index = (ops_for(module) or _GENERAL).output_index
+    if index is None or not isinstance(output, tuple) or len(output) <= index:
+        return tensor
+    return (*output[:index], tensor, *output[index + 1 :])
+
+
 def _register_builtins() -> None:
     register(nn.Linear, LinearOps())
     for k, t in enumerate(CONV_TYPES, start=1):
@@ -151,6 +191,7 @@ def _register_builtins() -> None:
     register(nn.GroupNorm, NormOps())
     register(nn.LayerNorm, LayerNormOps())
     register(nn.Embedding, EmbeddingOps())
+    register(nn.MultiheadAttention, AttentionOps())
     for t, ops in ACTIVATIONS.items():
         register(t, ops)
     register(nn.Identity, IdentityOps())
@@ -165,6 +206,7 @@ _register_builtins()
 
 __all__ = [
     "CONV_TYPES",
+    "AttentionOps",
     "BatchNormOps",
     "ConvOps",
     "DropoutOps",
@@ -180,8 +222,11 @@ __all__ = [
     "PoolOps",
     "TransposedLinearOps",
     "conv_patches",
+    "layer_output",
+    "layer_parameters",
     "ops_for",
     "register",
     "unit_axis",
     "unregister",
+    "with_layer_output",
 ]

@@ -13,8 +13,10 @@ elements, conv output pixels), ``G`` groups, ``I`` input features of one group (
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor, nn
+from torch.func import functional_call
 
 #: Which positions of a layer's weight meet each input element, for the NAD first-layer
 #: shortcut: ``(pix, kk, ll, positions, out_shape)`` with ``weight.reshape(c_out, -1)[:, kk]``
@@ -55,7 +57,11 @@ class LayerOps:
             eval-mode BatchNorm, LayerNorm), so :meth:`per_point_forward` evaluates many weight
             points at once (landscape planes).
         default_layer: A weight layer the kernel probes select when ``layers=None`` (Linear,
-            Conv, HF ``Conv1D``), provided it runs once per forward and shares no parameter.
+            Conv, HF ``Conv1D``, ``nn.MultiheadAttention``), provided it runs once per forward
+            and shares no parameter.
+        output_index: Where the probes read the layer's output tensor: ``None`` for a layer
+            returning a tensor, ``k`` for ``output[k]`` of a layer returning a tuple
+            (``nn.MultiheadAttention``: the attention output ``output[0]``).
     """
 
     unit_dim: int = 1
@@ -68,6 +74,7 @@ class LayerOps:
     pointwise: Callable[[Tensor], Tensor] | None = None
     jointly_affine: bool = False
     default_layer: bool = False
+    output_index: int | None = None
 
     # ------------------------------------------------------------------ every probe
     def per_sample(self, module: nn.Module) -> bool:
@@ -96,6 +103,55 @@ class LayerOps:
         return axis == 0
 
     # ------------------------------------------------------------------ layer tangent kernels
+    def layer_parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        """``{name: parameter}`` of the layer: by default those it owns directly.
+
+        A layer that computes with its children's weights without calling them
+        (``nn.MultiheadAttention`` and its ``out_proj``) owns them all (dotted names).
+        """
+        return dict(module.named_parameters(recurse=False))
+
+    def sample_first_inputs(
+        self,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        axis: int,
+        num_samples: int,
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """The recorded call's inputs in the form :meth:`functional_forward` takes.
+
+        Every per-sample tensor of that form holds the samples on axis 0 and is positional;
+        the keywords are shared by all samples. ``None`` (the default): the layer takes one
+        tensor, whose sample axis is moved to 0 like its output's.
+
+        Args:
+            module: The layer.
+            args: Positional inputs of its recorded call.
+            kwargs: Keyword inputs of that call.
+            axis: The sample axis of its output.
+            num_samples: Samples of the forward that recorded it.
+
+        Raises:
+            ValueError: If the call's inputs do not hold the samples where the layer needs them.
+        """
+        return None
+
+    def functional_forward(
+        self,
+        module: nn.Module,
+        params: dict[str, Tensor],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Tensor:
+        """The layer's output tensor ``[b, ...]`` with ``params`` in place of its parameters.
+
+        Called by the :mod:`torch.func` kernel path inside ``vmap``/``vjp`` on sample-first
+        inputs (:meth:`sample_first_inputs`), ``b`` samples at a time.
+        """
+        out = functional_call(module, params, args, kwargs)
+        return out if self.output_index is None else out[self.output_index]
+
     def kernel_factors(
         self, module: nn.Module, x: Tensor, grads: Tensor
     ) -> tuple[Tensor, Tensor] | None:

@@ -55,19 +55,20 @@ def test_sequence_first_encoder_matches_torch_func(n, method, chunk_size):
 
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_encoder_default_layers_run_and_match(batch_first):
-    """The default layers are the Linears that run: MHA's out_proj (used by MultiheadAttention
-    without being called, "exactly once per forward, got 0 calls" before) is left out."""
+    """The default layers are the layers that run: MHA's out_proj (used by MultiheadAttention
+    without being called, "exactly once per forward, got 0 calls" before) is left out, the
+    attention block is one layer with all its parameters (test_attention_kernels.py)."""
     net = seq_encoder(batch_first)
     ids = token_data(6, classes=3)["input_ids"]
     got = layer_tangent_kernels(net, ids, chunk_size=4)
-    blocks = [f"encoder.layers.{i}.linear{j}" for i in (0, 1) for j in (1, 2)]
+    blocks = [
+        f"encoder.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn", "linear1", "linear2")
+    ]
     assert list(got) == [*blocks, "head"]
-    assert_close_kernels(got, reference_kernels(net, ids, list(got)))
+    assert_close_kernels(got, reference_kernels(net, ids, list(got), recurse=True))
     with pytest.raises(ValueError, match="'encoder.layers.0.self_attn.out_proj' to run exactly "
                        "once per forward, got 0 calls.*MultiheadAttention.out_proj"):  # fmt: skip
         layer_tangent_kernels(net, ids, layers="encoder.layers.0.self_attn.out_proj")
-    with pytest.raises(TypeError, match="'encoder.layers.0.self_attn' to return a Tensor"):
-        layer_tangent_kernels(net, ids, layers="encoder.layers.0.self_attn")
 
 
 class Scale(nn.Module):
