@@ -145,13 +145,22 @@ class LayerCKACallback(ProbeCallback):
         inputs = chunks(data, 2)[0][0]
         if self.layers is None:  # the default layers that run (not MHA's out_proj), untied
             self._layer_names = list(resolve_layers(pl_module, None, inputs=inputs))
+        layers = resolve_layers(pl_module, self._layer_names or self.layers)
         with torch.enable_grad():
-            tangent_kernel_factors(
-                pl_module,
-                inputs,
-                layers=resolve_layers(pl_module, self._layer_names or self.layers),
-                output_fn=self.output_fn,
-            )
+            tangent_kernel_factors(pl_module, inputs, layers=layers, output_fn=self.output_fn)
+            if self.estimator == "hutchinson" and data.targets is not None:
+                x = chunks(data, 2)[0][0]  # forward-mode products: not every op has them
+                y = data.targets[:2]
+                try:
+                    estimate_layer_alignments(
+                        pl_module, x, y, layers=layers, output_fn=self.output_fn,
+                        centering=self.centering, num_probes=2,
+                    )  # fmt: skip
+                except NotImplementedError as err:
+                    raise ValueError(
+                        f"LayerCKACallback(estimator='hutchinson') needs forward-mode AD through "
+                        f"the model, which an op here lacks ({err}). Use estimator='exact'."
+                    ) from err
 
     @override
     def predict_cost(

@@ -39,3 +39,18 @@ def test_sequence_first_encoder_defaults_log_the_reference_alignment(tmp_path):
     torch.testing.assert_close(
         torch.as_tensor(hist[0]), torch.tensor(want).double(), rtol=1e-4, atol=1e-6
     )
+
+
+def test_hutchinson_estimator_refused_at_fit_start_where_forward_ad_is_missing(tmp_path):
+    """PyTorch's fused encoder layer has no forward-mode AD: the Hutchinson estimator used to
+    fail at every run; it now stops fit before the first step, naming the exact estimator."""
+    from conftest import make_trainer
+    from real_models import SeqEncoder, seq_loader
+
+    import lightning_probes as lp
+
+    cb = lp.LayerCKACallback(every_n_steps=1, probe_size=8, estimator="hutchinson")
+    trainer = make_trainer(tmp_path, [cb], max_steps=2)
+    with pytest.raises(ValueError, match="forward-mode AD.*estimator='exact'"):
+        trainer.fit(SeqEncoder(batch_first=True), seq_loader(32))
+    assert trainer.global_step == 0
