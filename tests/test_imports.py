@@ -45,3 +45,29 @@ def test_top_level_exports_callbacks():
     assert lightning_probes.ProbeCallback.__name__ == "ProbeCallback"
     for name in ("ProbeCallback", "ProbeSchedule"):
         assert getattr(lightning_probes, name).__name__ == name
+
+
+def test_public_contract_paths_of_the_design_import():
+    """Every path named in DESIGN.md's "Public contracts" stays importable after the move of
+    core/ into subpackages (re-exported by the subpackages and the two shim modules)."""
+    import importlib
+
+    contracts = {
+        "lightning_probes": [
+            "LossContributionCallback", "AblationAUCCallback", "SelectivityCallback",
+            "LayerCKACallback", "NADCallback", "LandscapeCallback",
+        ],
+        "lightning_probes.core.layers": ["select_layers"],
+        "lightning_probes.core.kernels": ["layer_tangent_kernels"],
+        "lightning_probes.core.lca": ["loss_change_allocation", "LCAResult"],
+        "lightning_probes.core.ablation": ["ablation_curve", "AblationCurve"],
+        "lightning_probes.core.selectivity": ["class_selectivity"],
+        "lightning_probes.core.nad": ["neural_anisotropy_directions", "NADResult"],
+        "lightning_probes.functional.alignment": [
+            "kernel_label_alignment", "centered_kernel_alignment",
+        ],
+    }  # fmt: skip
+    for module, names in contracts.items():
+        mod = importlib.import_module(module)
+        for name in names:
+            assert callable(getattr(mod, name)), f"{module}.{name}"
