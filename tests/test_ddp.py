@@ -11,7 +11,9 @@ from pathlib import Path
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_fit.py"
 
 
-def run_ddp(tmp_path: Path, spec: str, timeout: int = 300) -> tuple[dict, dict]:
+def run_ddp(
+    tmp_path: Path, spec: str, timeout: int = 300, stderr: list | None = None
+) -> tuple[dict, dict]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, str(SCRIPT), str(tmp_path), spec],
@@ -21,6 +23,8 @@ def run_ddp(tmp_path: Path, spec: str, timeout: int = 300) -> tuple[dict, dict]:
         env=env,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    if stderr is not None:
+        stderr.append(result.stderr)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     return ranks[0], ranks[1]
 
@@ -53,3 +57,16 @@ def test_every_probe_under_ddp_agrees_across_ranks_and_stops_together(tmp_path):
             assert r0["metrics"][key] == r1["metrics"][key], key
     assert r0["states"] == r1["states"]
     assert len(event_files(tmp_path)) == 1
+
+
+def test_a_probe_failing_on_one_rank_neither_deadlocks_nor_hides_its_warning(tmp_path):
+    """Rank 1's ablation run fails (OOM) at every step: it used to skip the early-stopping
+    collective, leaving rank 0 in all_reduce for ever. Now both ranks vote at every scheduled
+    step, rank 0 stops training after its second run, and rank 1 warns under its own name."""
+    err: list[str] = []
+    r0, r1 = run_ddp(tmp_path, "failing_rank", timeout=180, stderr=err)
+    assert r0["should_stop"] and r1["should_stop"]
+    assert r0["global_step"] == r1["global_step"] == 2
+    assert "[rank 1] FailingOnRank1 failed at step 1" in err[0]
+    assert "OutOfMemoryError: simulated: 12.00 GiB needed" in err[0]
+    assert "probes/ablation/auc" in r0["metrics"] and "probes/ablation/auc" not in r1["metrics"]

@@ -132,6 +132,7 @@ class AblationAUCCallback(ProbeCallback):
         self.memory_budget = memory_budget
         self._best = float("-inf")
         self._wait = 0
+        self._pending: float | None = None
         self._best_step = -1
         self.last_curve: AblationCurve | None = None
 
@@ -210,9 +211,14 @@ class AblationAUCCallback(ProbeCallback):
         self.log_scalars(trainer, pl_module, metrics)
         if plog.tensorboard_writers(trainer) and self.figures_enabled():
             log_ablation_figures(trainer, curve, noise)
+        if self.early_stopping:  # decided in after_run, which every rank reaches
+            self._pending = metrics[self.key(self.monitor)]
+
+    @override
+    def after_run(self, trainer: Trainer, pl_module: LightningModule, *, failed: bool) -> None:
+        current, self._pending = self._pending, None
         if self.early_stopping:
-            current = metrics[self.key(self.monitor)]
-            self._early_stop(trainer, current)
+            self._early_stop(trainer, None if failed else current)
 
     def _measure(self, pl_module: LightningModule, data: ProbeSet) -> AblationCurve:
         assert data.targets is not None
@@ -245,21 +251,25 @@ class AblationAUCCallback(ProbeCallback):
             memory_budget=self.memory_budget,
         )
 
-    def _early_stop(self, trainer: Trainer, current: float) -> None:
+    def _early_stop(self, trainer: Trainer, current: float | None) -> None:
         step = trainer.global_step
-        if current > self._best + self.min_delta:
+        if current is None:  # this rank's run failed or was skipped: no vote to stop
+            should_stop = False
+        elif current > self._best + self.min_delta:
             self._best, self._wait, self._best_step = current, 0, step
+            should_stop = False
         else:
             self._wait += 1
-        should_stop = self._wait >= self.patience
+            should_stop = self._wait >= self.patience
         # every rank computed the same value; any rank deciding to stop stops all
         should_stop = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
         if should_stop and not trainer.should_stop:
             trainer.should_stop = True
+            said = "n/a here (this rank's run failed)" if current is None else f"{current:.4f}"
             rank_zero_info(
                 f"{type(self).__name__}: stopping training at epoch {trainer.current_epoch}, "
-                f"step {step}: {self.key(self.monitor)} = {current:.4f} has not improved by "
-                f"more than min_delta={self.min_delta} for {self._wait} runs (patience="
+                f"step {step}: {self.key(self.monitor)} = {said} has not improved by more "
+                f"than min_delta={self.min_delta} for {self._wait} runs (patience="
                 f"{self.patience}); best {self._best:.4f} at step {self._best_step}."
             )
 

@@ -9,6 +9,7 @@ results go (:mod:`lightning_probes.logging`). A subclass implements :meth:`Probe
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Literal
 
@@ -128,6 +129,7 @@ class ProbeCallback(ProbeState):
         self._last_step = -1
         self._seen_step = 0
         self._warned: set[str] = set()
+        self._failed = False
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -205,9 +207,8 @@ class ProbeCallback(ProbeState):
             and not self._should_skip(trainer)
             and self.schedule.step_based
             and self.schedule.runs_at_step(step)
-            and self._within_budget(trainer, pl_module)
         ):
-            self._run(trainer, pl_module, on_step=True)
+            self._scheduled(trainer, pl_module, on_step=True)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -215,9 +216,18 @@ class ProbeCallback(ProbeState):
             not self._should_skip(trainer)
             and not self.schedule.step_based
             and self.schedule.runs_at_epoch_end(trainer.current_epoch, trainer.global_step)
-            and self._within_budget(trainer, pl_module)
         ):
-            self._run(trainer, pl_module, on_step=False)
+            self._scheduled(trainer, pl_module, on_step=False)
+
+    def _scheduled(self, trainer: Trainer, pl_module: LightningModule, *, on_step: bool) -> None:
+        # Every rank reaches this at the same steps (the schedule depends on global_step
+        # only), so collectives are safe here: the budget (rank zero decides for all) and
+        # `after_run`, which runs on every rank whether its run succeeded, failed or was skipped.
+        run = self._within_budget(trainer, pl_module)
+        self._failed = not run
+        if run:
+            self._run(trainer, pl_module, on_step=on_step)
+        self.after_run(trainer, pl_module, failed=self._failed)
 
     # ------------------------------------------------------------------ for subclasses
     def probe(self, trainer: Trainer, pl_module: LightningModule, data: ProbeSet) -> None:
@@ -226,6 +236,13 @@ class ProbeCallback(ProbeState):
 
     def check_model(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Validate the model at ``setup`` (e.g. that the named layers exist)."""
+
+    def after_run(self, trainer: Trainer, pl_module: LightningModule, *, failed: bool) -> None:
+        """Called on every rank at every scheduled run, after it ran, failed or was skipped.
+
+        The place for collectives (e.g. an early-stopping decision): a rank whose run failed
+        still reaches it, so no rank waits for ever on another.
+        """
 
     def validate(self, pl_module: LightningModule, data: ProbeSet) -> None:
         """Check at fit start that the probe can run on this model and data; raise if not.
@@ -357,7 +374,15 @@ class ProbeCallback(ProbeState):
                 self.probe(trainer, pl_module, self._probe_set)
             self._runs += 1
         except Exception as err:  # NaN/inf: skipped; else warned, or raised with "raise"
-            self._warn_once(*failure_warning(type(self).__name__, trainer.global_step, err, self))
+            self._failed = True
+            tag, message = failure_warning(type(self).__name__, trainer.global_step, err, self)
+            if trainer.world_size > 1:  # from the failing rank itself, not only rank zero
+                tag, message = tag, f"[rank {trainer.global_rank}] {message}"
+                if tag not in self._warned:
+                    self._warned.add(tag)
+                    warnings.warn(message, stacklevel=2)
+            else:
+                self._warn_once(tag, message)
         finally:
             self._on_step = None
             self._budget.record_run(started)

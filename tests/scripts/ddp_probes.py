@@ -51,3 +51,22 @@ def all_probes():
         lp.NADCallback(every_n_steps=2, probe_size=16, num_networks=16, on_error="raise"),
         lp.LandscapeCallback(every_n_steps=2, probe_size=16, plane_resolution=3, on_error="raise"),
     ], 8
+
+
+def failing_rank():
+    """Ablation with early stopping whose run fails on rank 1 only (an OOM): rank 0 must not
+    wait for ever in the early-stopping collective, and rank 1 warns itself."""
+    import lightning_probes as lp
+
+    class FailingOnRank1(lp.AblationAUCCallback):
+        def _measure(self, pl_module, data):
+            if pl_module.global_rank == 1:
+                raise torch.OutOfMemoryError("simulated: 12.00 GiB needed")
+            return super()._measure(pl_module, data)
+
+    return [
+        FailingOnRank1(
+            every_n_steps=1, probe_size=32, num_orderings=3, num_points=5,
+            early_stopping=True, patience=1, min_delta=1.0,
+        )
+    ], 6  # fmt: skip
