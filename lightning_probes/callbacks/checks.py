@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lightning_probes import logging as plog
-from lightning_probes.core.data import ProbeSet
+from lightning_probes.core.data import ProbeSet, tensors_of
 
 
 class NonFiniteValueError(ArithmeticError):
@@ -172,17 +172,6 @@ def nonfinite_samples(data: ProbeSet) -> list[int]:
             row = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
             flags = row if flags is None else flags | row.to(flags.device)
     return [] if flags is None else flags.nonzero().flatten().tolist()
-
-
-def tensors_of(value: Any) -> list[Tensor]:
-    """Every tensor in a tensor, tuple/list or dict (nested), in order."""
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        return [t for v in value.values() for t in tensors_of(v)]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in tensors_of(v)]
-    return []
 
 
 def check_finite_metrics(metrics: Mapping[str, float | Tensor]) -> None:

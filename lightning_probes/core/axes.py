@@ -10,8 +10,8 @@ is compared with its unpermuted output: the sample axis :math:`s` is the one wit
 .. math:: h(\pi x) = \operatorname{roll}(h(x), 1, \text{axis}=s),
 
 and it must be the only axis with that property. A layer where none or several axes qualify
-(samples mixed, e.g. BatchNorm in train mode, or outputs that do not depend on the input)
-gets ``None`` and is refused by the probes that need it.
+(samples mixed, e.g. BatchNorm in train mode; outputs that do not depend on the input, or are
+not finite) gets ``None`` and is refused by the probes that need it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_probes.core.data import model_arguments, slice_rows
+from lightning_probes.core.data import map_tensors, model_arguments, slice_rows
 from lightning_probes.core.hooks import capture
 
 
@@ -33,13 +33,7 @@ def roll_samples(inputs: Any, shift: int = 1) -> Any:
         inputs: A tensor ``[m, ...]`` or a tuple/list/dict of them (same ``m``).
         shift: Positions to shift by.
     """
-    if isinstance(inputs, Tensor):
-        return inputs.roll(shift, 0)
-    if isinstance(inputs, Mapping):
-        return {k: roll_samples(v, shift) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(roll_samples(v, shift) for v in inputs)
-    return inputs
+    return map_tensors(inputs, lambda t: t.roll(shift, 0))
 
 
 def find_sample_axes(
@@ -89,6 +83,8 @@ def _axis(plain: list[Tensor], rolled: list[Tensor], m: int) -> int | None:
     if len(plain) != 1 or len(rolled) != 1 or plain[0].shape != rolled[0].shape:
         return None
     a, b = plain[0].double(), rolled[0].double()
+    if not (bool(a.isfinite().all()) and bool(b.isfinite().all())):
+        return None  # NaN/inf outputs cannot be compared: not identifiable
     tol = 1e-6 * max(float(a.abs().max()), 1e-30)
     found = [
         s

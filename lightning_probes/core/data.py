@@ -213,14 +213,40 @@ def slice_rows(value: Any, start: int, stop: int) -> Any:
     raise TypeError(f"Expected probe inputs made of tensors, got {type(value).__name__}.")
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
+def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``fn`` applied to every tensor of a tensor or tuple/list/dict structure (nested).
+
+    Other leaves are returned as they are; containers keep their type.
+
+    Example:
+        >>> map_tensors({"ids": torch.arange(3), "n": 3}, lambda t: t.roll(1, 0))
+        {'ids': tensor([2, 0, 1]), 'n': 3}
+    """
     if isinstance(value, Tensor):
-        return value.to(device)
+        return fn(value)
     if isinstance(value, Mapping):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: map_tensors(v, fn) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
+        return type(value)(map_tensors(v, fn) for v in value)
     return value
+
+
+def tensors_of(value: Any) -> list[Tensor]:
+    """Every tensor of a tensor or tuple/list/dict structure (nested), in order.
+
+    Other leaves are skipped.
+    """
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in tensors_of(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in tensors_of(v)]
+    return []
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    return map_tensors(value, lambda t: t.to(device))
 
 
 def _first_tensor(value: Any) -> Tensor:

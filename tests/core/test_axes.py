@@ -59,3 +59,11 @@ def test_roll_samples_of_structured_inputs():
     rolled = roll_samples({"ids": a, "pair": (a, b)})
     assert torch.equal(rolled["ids"], torch.tensor([2, 0, 1]))
     assert torch.equal(rolled["pair"][1], b[[2, 0, 1]])
+
+
+def test_non_finite_outputs_give_no_axis():
+    """NaN outputs used to crash the comparison ("atol must be >= 0, got nan")."""
+    net = nn.Linear(4, 2).eval()
+    with torch.no_grad():
+        net.bias.fill_(float("nan"))
+    assert find_sample_axes(net, torch.randn(5, 4), {"lin": net}) == {"lin": None}

@@ -75,3 +75,15 @@ def test_dict_batches_keep_every_input_key_and_call_with_keywords():
     assert model_arguments(ids)[0][0] is ids
     unlabelled, none = default_batch_to_inputs_targets({"input_ids": ids, "attention_mask": mask})
     assert set(unlabelled) == {"input_ids", "attention_mask"} and none is None
+
+
+def test_map_tensors_and_tensors_of_walk_nested_structures():
+    from lightning_probes.core.data import map_tensors, tensors_of
+
+    a, b = torch.arange(3), torch.ones(3, 2)
+    value = {"a": a, "pair": (b, [a]), "n": 7}
+    doubled = map_tensors(value, lambda t: t * 2)
+    assert doubled["n"] == 7 and isinstance(doubled["pair"][1], list)
+    assert torch.equal(doubled["pair"][1][0], a * 2) and torch.equal(doubled["pair"][0], b * 2)
+    assert [t.shape for t in tensors_of(value)] == [a.shape, b.shape, a.shape]
+    assert tensors_of(3) == []

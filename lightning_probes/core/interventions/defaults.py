@@ -170,12 +170,9 @@ def sample_axes(
 ) -> dict[str, int | None]:
     """Each layer's sample axis (:func:`~lightning_probes.core.axes.find_sample_axes`).
 
-    ``None`` (unknown) for every layer with fewer than 3 samples, or when the outputs cannot be
-    compared (non-finite values make its tolerance NaN).
+    ``None`` (unknown) for every layer with fewer than 3 samples, or whose outputs cannot be
+    compared (non-finite values).
     """
     if num_samples(inputs) < 3:
         return dict.fromkeys(layers)
-    try:
-        return find_sample_axes(model, inputs, layers)
-    except RuntimeError:
-        return dict.fromkeys(layers)
+    return find_sample_axes(model, inputs, layers)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_probes.core.data import model_arguments, slice_rows
+from lightning_probes.core.data import map_tensors, model_arguments, slice_rows
 
 
 def tensors(inputs: Any) -> list[Tensor]:
@@ -70,13 +70,7 @@ def take(inputs: Any, start: int, stop: int) -> Any:
 
 def repeat_samples(inputs: Any, m: int) -> Any:
     """``m`` copies of the samples, copy-major: sample ``i`` of copy ``k`` at row ``k·n + i``."""
-    if isinstance(inputs, Tensor):
-        return inputs.repeat(m, *([1] * (inputs.ndim - 1)))
-    if isinstance(inputs, Mapping):
-        return {k: repeat_samples(v, m) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(repeat_samples(v, m) for v in inputs)
-    return inputs
+    return map_tensors(inputs, lambda t: t.repeat(m, *([1] * (t.ndim - 1))))
 
 
 def device_of(inputs: Any) -> torch.device:

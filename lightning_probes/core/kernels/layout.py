@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_probes.core.axes import find_sample_axes
-from lightning_probes.core.data import ProbeSet, model_arguments
+from lightning_probes.core.data import ProbeSet, map_tensors, model_arguments, tensors_of
 from lightning_probes.core.kernels.capture import LayerRecord, check_batchnorm_eval
 from lightning_probes.core.layers import owns_parameters
 from lightning_probes.core.modules import layer_output, layer_parameters, ops_for
@@ -295,7 +295,7 @@ def _first_rows(inputs: Any, m: int) -> Any:
 def _distinct_rows(inputs: Any, m: int) -> Any:
     """Up to ``m`` probe samples that differ from each other (the first ones that do)."""
     n = len(ProbeSet(inputs, None))
-    tensors = _tensors(inputs)
+    tensors = tensors_of(inputs)
     kept: list[int] = []
     for i in range(n):
         if not any(all(torch.equal(t[i], t[j]) for t in tensors) for j in kept):
@@ -305,21 +305,5 @@ def _distinct_rows(inputs: Any, m: int) -> Any:
     return _take(inputs, torch.tensor(kept))
 
 
-def _tensors(value: Any) -> list[Tensor]:
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        return [t for v in value.values() for t in _tensors(v)]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []
-
-
 def _take(value: Any, idx: Tensor) -> Any:
-    if isinstance(value, Tensor):
-        return value[idx.to(value.device)]
-    if isinstance(value, Mapping):
-        return {k: _take(v, idx) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_take(v, idx) for v in value)
-    return value
+    return map_tensors(value, lambda t: t[idx.to(t.device)])
