@@ -70,3 +70,8 @@ def test_a_probe_failing_on_one_rank_neither_deadlocks_nor_hides_its_warning(tmp
     assert "[rank 1] FailingOnRank1 failed at step 1" in err[0]
     assert "OutOfMemoryError: simulated: 12.00 GiB needed" in err[0]
     assert "probes/ablation/auc" in r0["metrics"] and "probes/ablation/auc" not in r1["metrics"]
+    # out of memory at fit start on rank 1 only: the probe is off on both ranks, announced by each
+    assert "[rank 1] StartsOutOfMemoryOnRank1 ran out of memory in its fit-start work" in err[0]
+    assert "(an allocation of 3.00 GiB)" in err[0]
+    assert "[rank 0] StartsOutOfMemoryOnRank1 is off: another rank ran out of memory" in err[0]
+    assert not any(k.startswith("probes/landscape/") for k in (*r0["metrics"], *r1["metrics"]))

@@ -32,6 +32,7 @@ from lightning_probes.callbacks.checks import (
     check_probe_targets,
     failure_warning,
 )
+from lightning_probes.callbacks.memory import prepare_or_out_of_memory, run_retrying
 from lightning_probes.callbacks.schedule import ProbeSchedule
 from lightning_probes.callbacks.shared import (
     draw_shared_probe_set,
@@ -161,10 +162,16 @@ class ProbeCallback(ProbeState):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._seen_step = trainer.global_step
         started = self._budget.start()
-        try:
-            self._prepare(trainer, pl_module)
+        try:  # an OOM turns the probe off (with a warning); configuration errors stop fit
+            failed = prepare_or_out_of_memory(
+                lambda: self._prepare(trainer, pl_module), self, pl_module.device
+            )
         finally:
             self._budget.charge_since(started)
+        if trainer.strategy.reduce_boolean_decision(failed is not None, all=False):
+            self._probe_set = None  # off on every rank alike, so collectives stay matched
+            other = f"{type(self).__name__} is off: another rank ran out of memory at fit start"
+            self._warn_once("oom-start", failed or other, trainer)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -337,9 +344,14 @@ class ProbeCallback(ProbeState):
             self._warn_once("over-budget", self._budget.skip_message(type(self).__name__))
         return fits
 
-    def _warn_once(self, tag: str, message: str) -> None:
-        if tag not in self._warned:
-            self._warned.add(tag)
+    def _warn_once(self, tag: str, message: str, trainer: Trainer | None = None) -> None:
+        """Warn once per tag: from rank zero, or, given ``trainer`` under DDP, this rank."""
+        if tag in self._warned:
+            return
+        self._warned.add(tag)
+        if trainer is not None and trainer.world_size > 1:
+            warnings.warn(f"[rank {trainer.global_rank}] {message}", stacklevel=3)
+        else:
             rank_zero_warn(message)
 
     # ------------------------------------------------------------------ internals
@@ -370,19 +382,18 @@ class ProbeCallback(ProbeState):
         try:
             if not all_finite(pl_module.parameters()):
                 raise NonFiniteValueError("the model's parameters are not finite")
-            with isolated(pl_module, grad=self.needs_grad):
-                self.probe(trainer, pl_module, self._probe_set)
+            data, device = self._probe_set, pl_module.device
+
+            def attempt() -> None:
+                with isolated(pl_module, grad=self.needs_grad):
+                    self.probe(trainer, pl_module, data)
+
+            run_retrying(attempt, self, len(data), device, self._warn_once)  # OOM: smaller chunks
             self._runs += 1
         except Exception as err:  # NaN/inf: skipped; else warned, or raised with "raise"
             self._failed = True
             tag, message = failure_warning(type(self).__name__, trainer.global_step, err, self)
-            if trainer.world_size > 1:  # from the failing rank itself, not only rank zero
-                tag, message = tag, f"[rank {trainer.global_rank}] {message}"
-                if tag not in self._warned:
-                    self._warned.add(tag)
-                    warnings.warn(message, stacklevel=2)
-            else:
-                self._warn_once(tag, message)
+            self._warn_once(tag, message, trainer)  # from the failing rank itself
         finally:
             self._on_step = None
             self._budget.record_run(started)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from lightning_probes import logging as plog
+from lightning_probes.callbacks.memory import is_out_of_memory, out_of_memory_message
 from lightning_probes.core.data import ProbeSet, tensors_of
 
 
@@ -212,6 +213,12 @@ def failure_warning(owner: str, step: int, err: Exception, probe: Any) -> tuple[
             f"{owner} skipped its run at step {step}: {err} "
             "(NaN/inf). Training continues; later runs are attempted as scheduled, and this "
             "warning is shown once."
+        )
+    if is_out_of_memory(err) and probe.on_error != "raise":
+        lead = f"{owner} failed at step {step} and was skipped: it ran out of memory"
+        return "oom-run", out_of_memory_message(lead, err, None) + (
+            "\nThe memory was freed; the model is unchanged and training continues. Later "
+            "runs are attempted (pass a smaller `probe_size`; this warning is shown once)."
         )
     message = (
         f"{owner} failed at step {step} and was skipped; "

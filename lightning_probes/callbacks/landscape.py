@@ -31,8 +31,9 @@ from lightning_probes.callbacks.checks import (
     check_int_at_least,
     check_optional_int,
 )
+from lightning_probes.callbacks.memory import weights_before_step
 from lightning_probes.callbacks.plots.landscape import log_plane, log_segments
-from lightning_probes.callbacks.shared import WeightSnapshot, shared_work
+from lightning_probes.callbacks.shared import WeightSnapshot
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import LossFn, OutputFn, probe_loss
@@ -228,7 +229,7 @@ class LandscapeCallback(ProbeCallback):
             and self.schedule.runs_at_step(step)
             and not self._should_skip(trainer)
         ):
-            self._before_step = shared_work(trainer).before_step(pl_module, step)
+            self._before_step = weights_before_step(trainer, pl_module, step, self, self._warn_once)
 
     @override
     def predict_cost(
@@ -256,20 +257,16 @@ class LandscapeCallback(ProbeCallback):
         theta = trainable_parameters(pl_module)
         metrics: dict[str, float | Tensor] = {}
         metrics.update(self._geometry(theta))
-        before, self._before_step = self._before_step, None
+        before = self._before_step  # dropped once logged (kept for a retry after an OOM)
         if before is not None:
             metrics.update(self._update_cosines(theta, before.tensors))
-        metrics[self.key("loss")] = probe_loss(
-            pl_module,
-            data,
-            theta,
-            **self._loss_kw,
-        )
+        metrics[self.key("loss")] = probe_loss(pl_module, data, theta, **self._loss_kw)
         if self.hessian_top_k is not None:
             metrics.update(self._hessian(pl_module, data, theta))
         if self.keep_checkpoints:
             metrics.update(self._segments(trainer, pl_module, data, theta))
         self.log_scalars(trainer, pl_module, metrics)
+        self._before_step = None
         if self.plane_every_n_runs and self._runs % self.plane_every_n_runs == 0:
             self._planes(trainer, pl_module, data, theta)
 

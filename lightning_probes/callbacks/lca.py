@@ -49,6 +49,7 @@ from lightning_probes.callbacks.checks import (
     check_chunk_size,
     check_positive_int,
 )
+from lightning_probes.callbacks.memory import is_out_of_memory, weights_before_step
 from lightning_probes.callbacks.plots.lca import ROOT_LAYER, log_artefacts
 from lightning_probes.callbacks.schedule import is_last_step
 from lightning_probes.callbacks.shared import WeightSnapshot, shared_work
@@ -245,7 +246,11 @@ class LossContributionCallback(ProbeCallback):
             return
         kept, buffers = self._before, self._loss_buffers(pl_module)
         # one read-only copy per step, shared with other probes (the kept θ_{t+1} if unmoved)
-        self._before = shared_work(trainer).before_step(pl_module, trainer.global_step + 1)
+        step = trainer.global_step + 1
+        self._before = weights_before_step(trainer, pl_module, step, self, self._warn_once)
+        if self._before is None:  # no memory for θ_t (warned): this step is not allocated
+            self._release()
+            return
         if kept is None or (self._before is not kept and not kept.equals(self._before.tensors)):
             self._cache = None  # the parameters moved outside the optimizer: recompute
         elif self._cache is not None and not _all_equal(self._cache_buffers, buffers):
@@ -270,8 +275,9 @@ class LossContributionCallback(ProbeCallback):
     def probe(self, trainer: Trainer, pl_module: LightningModule, data: ProbeSet) -> None:
         try:
             self._allocate(trainer, pl_module, data)
-        except BaseException:
-            self._release()
+        except BaseException as err:
+            if not is_out_of_memory(err):  # an OOM keeps θ_t: the run is retried, smaller chunks
+                self._release()
             raise
 
     @override
@@ -288,7 +294,7 @@ class LossContributionCallback(ProbeCallback):
 
     # ------------------------------------------------------------------ internals
     def _allocate(self, trainer: Trainer, pl_module: LightningModule, data: ProbeSet) -> None:
-        snapshot, self._before = self._before, None  # θ_t: read-only, dropped once allocated
+        snapshot = self._before  # θ_t: read-only, dropped once allocated
         assert snapshot is not None
         params = dict(pl_module.named_parameters())
         after = {k: params[k].detach() for k in snapshot.tensors}
@@ -306,9 +312,10 @@ class LossContributionCallback(ProbeCallback):
             tolerance=self.tolerance,
             max_splits=self.max_splits,
             loss_and_grad=model_loss_and_grad(pl_module, data, **kw),  # type: ignore[arg-type]
-            start=self._take_cache(),
+            start=self._cache,
             keep_grad_after=keep,
         )
+        self._before = self._cache = None
         try:
             self._tracker.record(step, result, params)
         except NonFiniteLossError as err:
@@ -377,10 +384,6 @@ class LossContributionCallback(ProbeCallback):
 
     def _loss_buffers(self, pl_module: LightningModule) -> dict[str, Tensor]:
         return loss_buffers(pl_module, batch_statistics=self.batchnorm == "batch")
-
-    def _take_cache(self) -> tuple[Tensor | float, dict[str, Tensor]] | None:
-        cache, self._cache = self._cache, None
-        return cache
 
     def _keep(self, trainer: Trainer, loss: float, grads: dict[str, Tensor] | None) -> None:
         """Keep θ_{t+1} and the gradient there for the next step; offer the copy to others."""

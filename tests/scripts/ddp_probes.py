@@ -64,9 +64,16 @@ def failing_rank():
                 raise torch.OutOfMemoryError("simulated: 12.00 GiB needed")
             return super()._measure(pl_module, data)
 
+    class StartsOutOfMemoryOnRank1(lp.LandscapeCallback):
+        def validate(self, pl_module, data):  # fit-start work out of memory on rank 1 only
+            if pl_module.global_rank == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB.")
+            super().validate(pl_module, data)
+
     return [
         FailingOnRank1(
             every_n_steps=1, probe_size=32, num_orderings=3, num_points=5,
             early_stopping=True, patience=1, min_delta=1.0,
-        )
+        ),
+        StartsOutOfMemoryOnRank1(every_n_steps=1, probe_size=16, plane_every_n_runs=0),
     ], 6  # fmt: skip
