@@ -8,6 +8,7 @@ duck typing: ``hasattr(logger.experiment, "add_histogram")``), on global rank ze
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Mapping
@@ -80,11 +81,9 @@ def log_scalars(
     for key, value in clean.items():
         tensor = torch.tensor(value, dtype=torch.float32)
         if on_step is not None and key in monitored:
-            try:
+            with contextlib.suppress(Exception):  # a hook where Lightning forbids self.log
                 pl_module.log(key, tensor, on_step=on_step, on_epoch=not on_step, logger=False)
-                continue
-            except Exception:  # hook where Lightning forbids self.log: fall through
-                pass
+        # at once, so a monitor checking in this same hook (EarlyStopping at epoch end) sees it
         trainer.callback_metrics[key] = tensor
     if trainer.is_global_zero:
         for logger in trainer.loggers:

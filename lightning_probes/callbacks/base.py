@@ -19,7 +19,12 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_probes import logging as plog
-from lightning_probes.callbacks.budget import RunBudget, predict_first_run
+from lightning_probes.callbacks.budget import (
+    FIRST_RUN_ALLOWANCE,
+    RunBudget,
+    monitored_without_budget,
+    predict_first_run,
+)
 from lightning_probes.callbacks.checks import (
     NonFiniteValueError,
     all_finite,
@@ -74,11 +79,11 @@ class ProbeCallback(ProbeState):
             and training continues; ``"raise"``: the error stops training.
         max_overhead: Wall-time budget of this probe as a fraction of the rest of the run
             (default :attr:`default_max_overhead`, 3%: six probes use at most 18% on their own
-            clocks, which leaves room for what those clocks do not see, such as logger I/O
-            threads and cache effects, under the 25% target of the whole suite); see
-            :mod:`~lightning_probes.callbacks.budget`. Skipped runs are counted and announced
-            once. ``None`` runs at every scheduled step. Under DDP the decision is rank zero's,
-            broadcast, so ranks never diverge.
+            clocks, under the 25% target of the whole suite); the first run may exceed it by
+            up to :attr:`first_run_allowance` seconds (10 s), so every probe shows values
+            early. See :mod:`~lightning_probes.callbacks.budget`. Skipped runs are counted and
+            announced once. ``None`` runs at every scheduled step. Under DDP the decision is
+            rank zero's, broadcast, so ranks never diverge.
 
     Exactly one of ``every_n_steps``, ``every_n_epochs``, ``at_steps`` may be given; none
     means the subclass's :attr:`default_schedule`. Probes run during ``fit`` only, never in the
@@ -92,6 +97,7 @@ class ProbeCallback(ProbeState):
     evaluates_loss: ClassVar[bool] = False  # fit start: the loss's shapes and determinism
     default_schedule: ClassVar[dict[str, Any]] = {"every_n_steps": 50}
     default_max_overhead: ClassVar[float | None] = 0.03
+    first_run_allowance: ClassVar[float] = FIRST_RUN_ALLOWANCE
 
     def __init__(
         self,
@@ -118,7 +124,7 @@ class ProbeCallback(ProbeState):
         if max_overhead == "default":
             max_overhead = self.default_max_overhead
         check_max_overhead(max_overhead)
-        self._budget = RunBudget(max_overhead)  # type: ignore[arg-type]
+        self._budget = RunBudget(max_overhead, self.first_run_allowance)  # type: ignore[arg-type]
         self.probe_data = probe_data
         self.probe_size = probe_size
         self.seed = seed
@@ -181,7 +187,9 @@ class ProbeCallback(ProbeState):
     def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
         work = shared_work(trainer)  # probes with the same settings share one probe set
         if self._probe_set is None:
-            self._probe_set = self._draw_probe_set(trainer)
+            self._probe_set = draw_shared_probe_set(
+                trainer, self, self.probe_size, seed=self.seed, warn=self._warn_once
+            )
         elif self._probe_set is self._given:  # the same user data: one collated copy for all
             self._probe_set = work.given_probe_set(self.probe_data, self._probe_set)
         self._given = None  # no CPU copy kept beyond this point
@@ -332,7 +340,7 @@ class ProbeCallback(ProbeState):
 
         Call only at points every rank reaches together (scheduled steps): it may broadcast.
         """
-        if self.max_overhead is None:
+        if self.max_overhead is None or monitored_without_budget(trainer, self, self._warn_once):
             return True
         predict = None
         data = self._probe_set
@@ -359,20 +367,6 @@ class ProbeCallback(ProbeState):
 
     def _should_skip(self, trainer: Trainer) -> bool:
         return bool(trainer.sanity_checking or not trainer.training or self._probe_set is None)
-
-    def _draw_probe_set(self, trainer: Trainer) -> ProbeSet:
-        split = self.batch_to_inputs_targets
-        name, size = type(self).__name__, self.probe_size
-        data = draw_shared_probe_set(
-            trainer, name, size, seed=self.seed, batch_to_inputs_targets=split
-        )
-        if len(data) < self.probe_size:
-            self._warn_once(
-                "small-dataset",
-                f"{type(self).__name__}: `probe_size={self.probe_size}` is larger than the "
-                f"training set; using all {len(data)} samples.",
-            )
-        return data
 
     def _run(self, trainer: Trainer, pl_module: LightningModule, *, on_step: bool) -> None:
         assert self._probe_set is not None

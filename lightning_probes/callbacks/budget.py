@@ -7,6 +7,12 @@ first by the probe's :meth:`~lightning_probes.callbacks.base.ProbeCallback.predi
 :class:`~lightning_probes.core.cost.CostUnits` measured once on this model and probe set
 (:func:`predict_first_run`). A probe that states no cost runs its first time unpredicted. Skipped
 runs are counted (:attr:`RunBudget.over_budget_skips`).
+
+So that every probe shows values early, the first run is admitted beyond the budget when it is
+predicted to take at most ``first_run_allowance`` seconds (:data:`FIRST_RUN_ALLOWANCE`, 10 s):
+the budget then holds later runs back until the first one's cost is paid for. The one-time
+measurement of the machine's rates (:func:`~lightning_probes.core.cost.calibrate`) is shared by
+every probe of the process and charged to none.
 """
 
 from __future__ import annotations
@@ -16,9 +22,12 @@ from typing import Any
 
 from torch import nn
 
-from lightning_probes.core.cost import calibrate
+from lightning_probes.core.cost import calibrate, format_seconds, machine_calibration_seconds
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.isolation import isolated
+
+#: Seconds a first run may take beyond the budget (so each probe shows values early).
+FIRST_RUN_ALLOWANCE = 10.0
 
 
 class RunBudget:
@@ -26,6 +35,8 @@ class RunBudget:
 
     Args:
         max_overhead: The budget as a fraction of the rest of the run (``None``: unlimited).
+        first_run_allowance: The first run is admitted beyond the budget when predicted to
+            take at most this many seconds (``0``: the first run waits for the budget too).
 
     Attributes:
         probe_seconds: Wall time the probe has used in the current fit.
@@ -38,8 +49,11 @@ class RunBudget:
         True
     """
 
-    def __init__(self, max_overhead: float | None) -> None:
+    def __init__(
+        self, max_overhead: float | None, first_run_allowance: float = FIRST_RUN_ALLOWANCE
+    ) -> None:
         self.max_overhead = max_overhead
+        self.first_run_allowance = first_run_allowance
         self.probe_seconds = 0.0
         self.over_budget_skips = 0
         self._train_start = 0.0
@@ -76,13 +90,13 @@ class RunBudget:
         if self._first_run_prediction is None:
             prediction = 0.0
             if predict is not None:
-                started = time.perf_counter()
+                started, shared = time.perf_counter(), machine_calibration_seconds()
                 try:
                     prediction = predict() or 0.0
                 except Exception:  # a prediction must never stop training: run unpredicted
                     prediction = 0.0
-                finally:
-                    self.charge_since(started)
+                finally:  # the machine's rates, measured once per process, are no one's cost
+                    self.charge_since(started + machine_calibration_seconds() - shared)
             self._first_run_prediction = prediction
         return self._first_run_prediction
 
@@ -94,7 +108,8 @@ class RunBudget:
         rank reaches together (scheduled steps): it may broadcast.
         """
         self._last_prediction = predicted = self.predicted_run_seconds(predict)
-        fits = self.fits(predicted)
+        first = not self._measured and predicted <= self.first_run_allowance
+        fits = first or self.fits(predicted)
         if trainer.world_size > 1:
             fits = bool(trainer.strategy.broadcast(fits, src=0))
         if not fits:
@@ -102,13 +117,32 @@ class RunBudget:
         return fits
 
     def skip_message(self, owner: str) -> str:
-        """The warning shown (once) when ``owner`` skips a run to stay within the budget."""
+        """The warning shown (once) when ``owner`` skips a run to stay within the budget.
+
+        It states the numbers the decision was made on: the run's predicted cost and where it
+        comes from, the time used so far, the training time, and how much more training the
+        next run needs before it fits.
+        """
+        m, predicted, used = self.max_overhead or 0.0, self._last_prediction, self.probe_seconds
+        elapsed = time.perf_counter() - self._train_start
+        training = max(elapsed - used, 0.0)
+        # fits when used + predicted <= m * (elapsed' - used): solve for the elapsed time
+        wait = max((used + predicted) / m + used - elapsed, 0.0) if m else float("inf")
+        what = "the last run took" if self._measured else "its first run is predicted to take"
+        first = (
+            ""
+            if self._measured
+            else f", more than the {format_seconds(self.first_run_allowance)} a first run "
+            "may take beyond the budget"
+        )
         return (
             f"{owner}: skipping scheduled runs to keep its cost within "
-            f"`max_overhead={self.max_overhead}` of the training time (a run is predicted "
-            f"to take {self._last_prediction:.2f} s; {self.probe_seconds:.2f} s used so far). "
-            "Raise `max_overhead`, run less often (`every_n_steps`, `at_steps`) or on a smaller "
-            "`probe_size`, or pass `max_overhead=None` to run at every scheduled step."
+            f"`max_overhead={self.max_overhead}` of the training time: {what} "
+            f"{format_seconds(predicted)}{first}; it has used {format_seconds(used)} in "
+            f"{format_seconds(training)} of training, so the next run fits after about "
+            f"{format_seconds(wait)} more training. Raise `max_overhead`, run less often "
+            "(`every_n_steps`, `at_steps`) or on a smaller `probe_size`, or pass "
+            "`max_overhead=None` to run at every scheduled step."
         )
 
     def fits(self, predicted: float) -> bool:
@@ -135,3 +169,33 @@ def predict_first_run(probe: Any, model: nn.Module, data: ProbeSet) -> float | N
     with isolated(model, grad=False):
         units = calibrate(model, data, output_fn=getattr(probe, "output_fn", None))
         return probe.predict_cost(model, data, units)  # type: ignore[no-any-return]
+
+
+def monitored_without_budget(trainer: Any, probe: Any, warn: Any) -> bool:
+    """Whether a callback monitors one of ``probe``'s metrics: then no run is skipped.
+
+    ``EarlyStopping`` and ``ModelCheckpoint`` decide on the value in ``callback_metrics`` at
+    their checks; a run skipped to keep the budget would leave them the previous run's value,
+    and e.g. count epochs without improvement that were never measured. So a monitored probe
+    runs at every scheduled step (warned once); its schedule is the way to bound its cost.
+
+    Args:
+        trainer: The Trainer (its callbacks' ``monitor``).
+        probe: The probe (its ``probe_name`` and ``max_overhead``).
+        warn: ``warn(tag, message)``.
+    """
+    prefix = f"probes/{probe.probe_name}/"
+    monitors = [
+        (type(cb).__name__, cb.monitor)
+        for cb in getattr(trainer, "callbacks", [])
+        if isinstance(getattr(cb, "monitor", None), str) and cb.monitor.startswith(prefix)
+    ]
+    if monitors:
+        names = ", ".join(f"{name} monitors `{key}`" for name, key in monitors)
+        warn(
+            "monitored",
+            f"{type(probe).__name__}: {names}, so every scheduled run is made whatever "
+            f"`max_overhead={probe.max_overhead}` (a skipped run would leave the monitor a "
+            "stale value). Bound its cost with the schedule (`every_n_epochs`, `every_n_steps`).",
+        )
+    return bool(monitors)

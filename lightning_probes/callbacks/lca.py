@@ -16,7 +16,6 @@ Lightning pitfalls handled here:
 - A step the AMP ``GradScaler`` skipped leaves the parameters unchanged: nothing is allocated.
 - When the next step is instrumented too, :math:`\theta_{t+1}` and the gradient there are kept
   as the next :math:`\theta_t` (Simpson in steady state: 2 gradient evaluations per step).
-
 - :math:`\theta_t` is the Trainer's shared, read-only pre-step snapshot
   (:class:`~lightning_probes.callbacks.shared.WeightSnapshot`): a landscape probe running on
   the same step reads the same copy. The kept :math:`\theta_{t+1}` is offered as the next one.
@@ -227,10 +226,12 @@ class LossContributionCallback(ProbeCallback):
 
         Cold, a step needs the gradient at :math:`\theta_t`, at the midpoints and at
         :math:`\theta_{t+1}` on the LCA set: ``splits + 1`` gradient evaluations (first order:
-        one), each about three forward passes.
+        one), each about three forward passes; and its artefacts: two figures and the Weibull
+        fit of ``|LC|`` (priced as a third).
         """
         evaluations = 1 if self.method == "first_order" else self.splits + 1
-        return units.seconds(forwards=3 * evaluations)
+        figures = 3 if plog.matplotlib_available() else 0
+        return units.seconds(forwards=3 * evaluations, figures=figures)
 
     @override
     def on_before_optimizer_step(

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_probes.core.data import BatchToInputsTargets, ProbeSet, draw_probe_set
+from lightning_probes.core.data import ProbeSet, draw_probe_set
 
 
 @dataclass(eq=False)
@@ -159,12 +159,7 @@ def release_shared_work(trainer: Any) -> None:
 
 
 def draw_shared_probe_set(
-    trainer: Any,
-    owner: str,
-    size: int,
-    *,
-    seed: int,
-    batch_to_inputs_targets: BatchToInputsTargets | None,
+    trainer: Any, probe: Any, size: int, *, seed: int, warn: Callable[[str, str], None]
 ) -> ProbeSet:
     """The probe set drawn from the train loader of ``trainer``, once per settings.
 
@@ -173,14 +168,15 @@ def draw_shared_probe_set(
 
     Args:
         trainer: The Trainer (its ``train_dataloader``; the first of several).
-        owner: The probe's class name, for the message.
+        probe: The probe (its name for messages, its ``batch_to_inputs_targets``).
         size: ``probe_size``.
         seed: Seed of the draw.
-        batch_to_inputs_targets: How to split a batch (compared by identity).
+        warn: ``warn(tag, message)``, when the training set is smaller than ``size``.
 
     Raises:
         TypeError: If the train loader is not a ``DataLoader``.
     """
+    owner, batch_to_inputs_targets = type(probe).__name__, probe.batch_to_inputs_targets
     loader = trainer.train_dataloader
     if isinstance(loader, Mapping):
         loader = next(iter(loader.values()))
@@ -191,12 +187,19 @@ def draw_shared_probe_set(
             f"{owner} draws its probe set from the train DataLoader, but got "
             f"{type(loader).__name__}. Pass `probe_data=` explicitly."
         )
-    return shared_work(trainer).drawn_probe_set(
+    data = shared_work(trainer).drawn_probe_set(
         (loader, size, seed, batch_to_inputs_targets),
         lambda: draw_probe_set(
             loader, size, seed=seed, batch_to_inputs_targets=batch_to_inputs_targets
         ),
     )
+    if len(data) < size:
+        warn(
+            "small-dataset",
+            f"{owner}: `probe_size={size}` is larger than the training set; using all "
+            f"{len(data)} samples.",
+        )
+    return data
 
 
 def _own(data: ProbeSet) -> ProbeSet:

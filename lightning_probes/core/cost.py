@@ -127,11 +127,36 @@ def calibrate(
 
 
 _rates: dict[tuple[torch.device, torch.dtype], tuple[float, float]] = {}
+_calibration_seconds: list[float] = [0.0]
+
+
+def machine_calibration_seconds() -> float:
+    """Seconds spent so far in this process measuring the machine's rates (once per device)."""
+    return _calibration_seconds[0]
+
+
+def clear_machine_rates() -> None:
+    """Forget the measured machine rates, so that the next :func:`calibrate` measures again."""
+    _rates.clear()
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration for messages: ``"4.0 ms"``, ``"1.25 s"``, ``"3.5 min"``, ``"2.1 h"``."""
+    if seconds != seconds or seconds == float("inf"):
+        return "never"
+    if seconds < 1.0:
+        return f"{seconds * 1e3:.1f} ms"
+    if seconds < 120.0:
+        return f"{seconds:.2f} s"
+    if seconds < 7200.0:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _machine_rates(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
     """``(flops/s, bytes/s)`` of ``device`` in ``dtype``, measured once per process."""
     if (device, dtype) not in _rates:
+        started = time.perf_counter()
         with torch.no_grad():
             a = torch.randn(512, 512, device=device, dtype=dtype)
             matmul = _second_call_seconds(lambda: a @ a, device)
@@ -140,6 +165,7 @@ def _machine_rates(device: torch.device, dtype: torch.dtype) -> tuple[float, flo
             thin = torch.ones(4096, 16, device=device)
             moved = _second_call_seconds(lambda: big @ thin, device)
         _rates[device, dtype] = (2 * 512**3 / matmul, big.numel() * big.element_size() / moved)
+        _calibration_seconds[0] += time.perf_counter() - started
     return _rates[device, dtype]
 
 

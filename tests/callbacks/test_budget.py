@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -33,6 +34,12 @@ class SlowTraining(TinyClassifier):
     def training_step(self, batch, batch_idx):
         time.sleep(0.02)
         return super().training_step(batch, batch_idx)
+
+
+def seconds(text: str) -> float:
+    """``"4.0 ms"``, ``"1.25 s"``, ``"3.5 min"`` -> seconds."""
+    value, unit = text.split()
+    return float(value) * {"ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0}[unit]
 
 
 def _fit(tmp_path, probe, steps=40):
@@ -86,8 +93,9 @@ def test_lca_every_step_schedule_honours_the_budget(tmp_path):
         pl.seed_everything(0, verbose=False)
         make_trainer(tmp_path, [lca], max_steps=8).fit(TinyClassifier(), make_loader())
         runs[budget] = (len(lca.history), lca.over_budget_skips)
-    # fit-start work already exceeds a 1e-9 budget: every step is skipped, none allocated
-    assert runs == {None: (8, 0), 1e-9: (0, 8)}
+    # a 1e-9 budget: the first step is allocated (within the first-run allowance), then every
+    # step is skipped
+    assert runs == {None: (8, 0), 1e-9: (1, 7)}
 
 
 class PredictedProbe(SlowProbe):
@@ -106,23 +114,57 @@ class PredictedProbe(SlowProbe):
 
 
 def test_first_run_waits_until_its_predicted_cost_fits(tmp_path):
-    # 0.5 s predicted, 25% budget, >= 20 ms per step: the first run needs >= 2 s of training,
-    # i.e. about step 100, so none of 40 steps may run (unpredicted, step 1 would run)
-    probe = PredictedProbe(cost=0.0, predicted=0.5, max_overhead=0.25)
-    with pytest.warns(UserWarning, match=r"a run is predicted to take 0.50 s"):
+    # 20 s predicted (beyond the 10 s first-run allowance), 25% budget, >= 20 ms per step: the
+    # first run needs >= 80 s of training, so none of 40 steps may run
+    probe = PredictedProbe(cost=0.0, predicted=20.0, max_overhead=0.25)
+    with pytest.warns(UserWarning) as caught:
         _fit(tmp_path, probe, steps=40)
     assert probe.steps == [] and probe.over_budget_skips == 40
+    (message,) = [str(w.message) for w in caught if "skipping scheduled runs" in str(w.message)]
+    assert (
+        "its first run is predicted to take 20.00 s, more than the 10.00 s a first run" in message
+    )
+    # the numbers the decision was made on: time used, training time, and how long to wait
+    match = re.search(
+        r"has used (.+) in (.+) of training, so the next run fits after about (.+) more training",
+        message,
+    )
+    assert match is not None, message
+    used, training, wait = map(seconds, match.groups())
+    assert 0 < used < 1 and 0 < training < 60
+    assert training + wait == pytest.approx(4 * (20 + used), rel=0.05)  # (used + 20) / 25%
     # the units were measured on this model and its probe set
     assert probe.units.num_samples == 256 and probe.units.num_outputs == 3
     assert probe.units.forward_seconds > 0 and probe.units.flops_per_second > 0
     assert probe.units.bytes_per_second > 0 and probe.units.figure_seconds > 0
 
 
+def test_first_run_within_the_allowance_runs_at_once_then_the_budget_throttles(tmp_path):
+    # 0.5 s predicted and taken: over a 25% budget of 40 steps (< 2 s), yet admitted first
+    # (every probe shows values early); its cost then holds every later run back
+    probe = PredictedProbe(cost=0.5, predicted=0.5, max_overhead=0.25)
+    with pytest.warns(UserWarning, match=r"the last run took 5\d\d\.\d ms"):
+        _fit(tmp_path, probe, steps=40)
+    assert probe.steps == [1] and probe.over_budget_skips == 39
+
+
+def test_the_machine_calibration_is_charged_to_no_probe(tmp_path):
+    from lightning_probes.core.cost import clear_machine_rates, machine_calibration_seconds
+
+    clear_machine_rates()
+    before = machine_calibration_seconds()
+    probe = PredictedProbe(cost=0.0, predicted=1e-3, max_overhead=0.25)
+    _fit(tmp_path, probe, steps=2)
+    calibration = machine_calibration_seconds() - before
+    assert probe.units is not None and calibration > 0
+    assert probe.probe_seconds < calibration  # fit-start work and the run: milliseconds
+
+
 def test_first_run_with_a_small_prediction_runs_then_uses_measured_cost(tmp_path):
     # predicted cheap (1 ms), actually 50 ms: the first run starts at once, later runs are
     # predicted by the measured 50 ms and thinned out
     probe = PredictedProbe(cost=0.05, predicted=1e-3, max_overhead=0.25)
-    with pytest.warns(UserWarning, match=r"a run is predicted to take"):
+    with pytest.warns(UserWarning, match=r"the last run took"):
         _fit(tmp_path, probe, steps=40)
     # (the first scheduled steps may go to paying for the fit-start work and the calibration)
     assert probe.steps and probe.steps[0] <= 10 and 2 <= len(probe.steps) < 40

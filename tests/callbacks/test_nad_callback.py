@@ -181,9 +181,14 @@ def test_under_a_budget_the_basis_is_computed_by_the_first_admitted_run(tmp_path
     assert trainer.logger.steps_of("probes/nad/spectrum_share_top") == [3]
     assert trainer.logger.steps_of("probes/nad/data_energy_share_top") == [3, 6]
     torch.testing.assert_close(lazy.nads.directions, eager.nads.directions)
-    # a budget that never admits: no basis is computed at all, and nothing is logged
-    never = NADCallback(num_networks=32, every_n_steps=3, probe_size=24, max_overhead=1e-9)
-    with pytest.warns(UserWarning, match="NADCallback: skipping scheduled runs"):
+
+    # a budget that never admits, without a first-run allowance: no basis is computed at all,
+    # and nothing is logged
+    class Strict(NADCallback):
+        first_run_allowance = 0.0
+
+    never = Strict(num_networks=32, every_n_steps=3, probe_size=24, max_overhead=1e-9)
+    with pytest.warns(UserWarning, match="Strict: skipping scheduled runs"):
         trainer, _ = fit(tmp_path, [never], max_steps=6)
     assert never.nads is None and never.runs == 0 and never.over_budget_skips == 2
     assert trainer.logger.steps_of("probes/nad/spectrum_share_top") == []
