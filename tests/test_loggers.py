@@ -12,6 +12,7 @@ import glob
 import json
 import re
 import struct
+import time
 import warnings
 from pathlib import Path
 
@@ -117,13 +118,12 @@ def test_mlflow_logger_gets_time_stepped_images_in_its_artifacts(tmp_path, monke
         assert note.read_text() == f"step {step}"
 
 
-def wandb_history(run_dir: Path) -> list[dict]:
-    """History rows of an offline W&B run, read from its ``.wandb`` file (LevelDB log format:
-    a 7-byte header, 32 KiB blocks of records with a 7-byte header: crc, length, type)."""
+def wandb_records(path: Path) -> list:
+    """Records of a ``.wandb`` file (LevelDB log format: a 7-byte header, 32 KiB blocks of
+    chunks with a 7-byte header: crc, length, type)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    (path,) = glob.glob(str(run_dir / "*.wandb"))
-    data, pos, block, chunks, rows = Path(path).read_bytes(), 7, 32768, [], []
+    data, pos, block, chunks, records = path.read_bytes(), 7, 32768, [], []
     assert data[:4] == b":W&B"
     while pos + 7 <= len(data):
         left = block - pos % block
@@ -131,18 +131,34 @@ def wandb_history(run_dir: Path) -> list[dict]:
         if left < 7 or (length == 0 and kind == 0):  # block trailer / padding
             pos += left
             continue
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
         chunks.append(data[pos + 7 : pos + 7 + length])
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST
-            record = pb.Record()
-            record.ParseFromString(b"".join(chunks))
+            records.append(pb.Record())
+            records[-1].ParseFromString(b"".join(chunks))
             chunks = []
-            if record.WhichOneof("record_type") == "history":
-                items = record.history.item
-                rows.append(
-                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
-                )
-    return rows
+    return records
+
+
+def wandb_history(run_dir: Path, timeout: float = 60.0) -> list[dict]:
+    """History rows of an offline W&B run, once its file holds the run's exit record (W&B's
+    service process may still be writing it when ``wandb.finish()`` returns)."""
+    (path,) = glob.glob(str(run_dir / "*.wandb"))
+    deadline = time.monotonic() + timeout
+    while True:
+        records = wandb_records(Path(path))
+        kinds = [r.WhichOneof("record_type") for r in records]
+        if "exit" in kinds or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert "exit" in kinds, f"the W&B run file was not complete after {timeout} s"
+    return [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+        for r, kind in zip(records, kinds)
+        if kind == "history"
+    ]
 
 
 def test_wandb_offline_run_gets_histograms_images_figures_and_text(tmp_path, monkeypatch):
