@@ -209,7 +209,7 @@ class AblationAUCCallback(ProbeCallback):
             span = float(logs[-1] - logs[0]) or 1.0
             metrics[self.key("noise_auc")] = float(curve_area(logs, noise.mean)) / span
         self.log_scalars(trainer, pl_module, metrics)
-        if plog.tensorboard_writers(trainer) and self.figures_enabled():
+        if plog.artefact_sinks(trainer, "image") and self.figures_enabled():
             log_ablation_figures(trainer, curve, noise)
         if self.early_stopping:  # decided in after_run, which every rank reaches
             self._pending = metrics[self.key(self.monitor)]

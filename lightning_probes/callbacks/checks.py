@@ -104,14 +104,18 @@ def check_max_overhead(max_overhead: Any) -> None:
 
 
 def check_loggers(trainer: Any, owner: str) -> str | None:
-    """Check at ``setup`` that ``trainer`` has a logger; a warning if none is TensorBoard.
+    """Check at ``setup`` that ``trainer`` has a logger; a warning for artefacts none takes.
+
+    Scalars go to every logger; histograms to TensorBoard and W&B; images and figures also
+    to MLflow and CSV (:mod:`lightning_probes.logging.sinks`); any other logger takes
+    scalars only.
 
     Args:
         trainer: The Trainer.
         owner: The probe's class name, for the messages.
 
     Returns:
-        A warning to show once, or ``None``.
+        A warning to show once, naming what no logger of the Trainer takes, or ``None``.
 
     Raises:
         ValueError: If the Trainer has no logger (``logger=False``).
@@ -121,13 +125,22 @@ def check_loggers(trainer: Any, owner: str) -> str | None:
             f"{owner} needs a logger to report to, but the Trainer has "
             "`logger=False`. Pass `logger=True` (TensorBoard) or a logger instance."
         )
-    if plog.tensorboard_writers(trainer):
-        return None
-    return (
-        f"{owner}: no TensorBoard logger among `trainer.loggers`; "
-        "scalars are still logged, but histograms, images and figures are not. "
-        "Add `pytorch_lightning.loggers.TensorBoardLogger` to see them."
-    )
+    kinds = set().union(*(s.kinds for s in map(plog.sink_for, trainer.loggers) if s))
+    names = ", ".join(type(logger).__name__ for logger in trainer.loggers)
+    if "image" not in kinds:
+        return (
+            f"{owner}: the Trainer's loggers ({names}) take scalars only, so "
+            "histograms, images and figures are not logged. TensorBoardLogger and WandbLogger "
+            "take all of them; MLFlowLogger and CSVLogger (a folder of PNG files) take images "
+            "and figures."
+        )
+    if "histogram" not in kinds:
+        takers = " and ".join(plog.TAKERS["histogram"])
+        return (
+            f"{owner}: histograms are not logged: only {takers} take them, and the "
+            f"Trainer's loggers are {names}. Scalars, images and figures are logged."
+        )
+    return None
 
 
 def check_probe_targets(

@@ -366,7 +366,7 @@ class LossContributionCallback(ProbeCallback):
     ) -> None:
         figures = (
             trainer.is_global_zero
-            and bool(plog.tensorboard_writers(trainer))
+            and bool(plog.artefact_sinks(trainer, "image"))
             and self.figures_enabled()
         )
         metrics = log_artefacts(

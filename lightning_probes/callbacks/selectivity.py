@@ -182,5 +182,5 @@ class SelectivityCallback(ProbeCallback):
                 plog.log_histogram(trainer, self.key("ablation_impact", layer), impact[layer])
         self.last_selectivity, self.last_impact = selectivity, impact
         self.log_scalars(trainer, pl_module, metrics)
-        if self.importance and plog.tensorboard_writers(trainer) and self.figures_enabled():
+        if self.importance and plog.artefact_sinks(trainer, "image") and self.figures_enabled():
             log_importance_scatter(trainer, selectivity, impact)

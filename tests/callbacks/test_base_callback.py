@@ -220,13 +220,25 @@ def test_logger_false_is_a_clear_error(tmp_path):
         fit(tmp_path, [MeddlingProbe()], logger=False)
 
 
-def test_without_tensorboard_scalars_flow_and_one_warning(tmp_path):
-    logger = CSVLogger(str(tmp_path))
+def test_scalars_only_logger_scalars_flow_and_one_warning(tmp_path):
+    logger = RecordingLogger()  # a logger with no form for histograms, images or figures
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer, _ = fit(tmp_path, [MeddlingProbe(every_n_steps=1, probe_size=4)], logger=logger)
-    msgs = [str(w.message) for w in caught if "no TensorBoard logger" in str(w.message)]
+    msgs = [str(w.message) for w in caught if "take scalars only" in str(w.message)]
     assert len(msgs) == 1 and "histograms, images and figures are not" in msgs[0]
+    assert "RecordingLogger" in msgs[0]
+    assert "probes/meddle/loss" in trainer.callback_metrics
+
+
+def test_csv_logger_warns_once_that_histograms_are_not_logged(tmp_path):
+    logger = CSVLogger(str(tmp_path))  # takes images and figures (PNG files), not histograms
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _ = fit(tmp_path, [MeddlingProbe(every_n_steps=1, probe_size=4)], logger=logger)
+    msgs = [str(w.message) for w in caught if "MeddlingProbe: " in str(w.message)]
+    assert len(msgs) == 1 and msgs[0].startswith("MeddlingProbe: histograms are not logged")
+    assert "CSVLogger" in msgs[0] and "images and figures are logged" in msgs[0]
     assert "probes/meddle/loss" in trainer.callback_metrics
 
 
