@@ -55,7 +55,7 @@ class ReplayMLP(pl.LightningModule):
 def dataset(n: int = 512, d_in: int = 16, classes: int = 4, seed: int = 0) -> TensorDataset:
     """Gaussian clusters, one per class (seeded)."""
     g = torch.Generator().manual_seed(seed)
-    centres = 2.0 * torch.randn(classes, d_in, generator=g)
+    centres = 0.5 * torch.randn(classes, d_in, generator=g)
     y = torch.randint(0, classes, (n,), generator=g)
     return TensorDataset(centres[y] + torch.randn(n, d_in, generator=g), y)
 

@@ -22,10 +22,13 @@ are the progress counters behind ``trainer.global_step`` and ``trainer.current_e
 Lightning itself restores from checkpoints; a version that keeps them elsewhere is refused.
 
 **What changes in a replay.** Each probe's schedule becomes the checkpoint steps (``at_steps``)
-and its ``max_overhead`` ``None`` (no training to stay within). Probes start fresh: the probe
-states saved in the checkpoints are not restored, and the landscape's :math:`\theta_0` is the
-first checkpoint (save one at step 0, ``trainer.save_checkpoint`` before ``fit``, to measure
-from the initialisation; probes never run at step 0, live or replayed).
+and its ``max_overhead`` ``None`` (no training to stay within). Probes start fresh (one that
+already ran is refused): the probe states saved in the checkpoints are not restored, every probe
+gets the same fixed probe set (``probe_data``, or its draw from the run's train loader as live),
+and the landscape's :math:`\theta_0` is the first checkpoint (save one at step 0,
+e.g. ``trainer.save_checkpoint`` in a callback's ``on_train_start``, to measure from the
+initialisation; probes never run at step 0, live or replayed, but LCA allocates the segment
+from it).
 
 - **LCA** (Lan et al. 2019) allocates, per parameter, the loss change between consecutive
   checkpoints along the straight segment between them,
@@ -126,6 +129,12 @@ def replay_checkpoints(
     if not callbacks or not all(isinstance(cb, ProbeCallback) for cb in callbacks):
         got = [type(cb).__name__ for cb in callbacks]
         raise TypeError(f"Expected `callbacks` to be a non-empty list of probes, got {got}.")
+    used = [f"{type(cb).__name__} ({cb.runs} runs)" for cb in callbacks if cb.runs]
+    if used:  # their state (LCA's cumulative sums, the landscape's θ_0) belongs to another run
+        raise ValueError(
+            f"Expected new probes, got {', '.join(used)} that ran before: a replay starts every "
+            "probe fresh. Pass new instances with the same arguments."
+        )
     found = find_checkpoints(checkpoints)
     model, trainer_cls = _build_model(model, found[0])
     _give_probe_data(callbacks, probe_data, train_dataloader)
@@ -143,11 +152,15 @@ def replay_checkpoints(
     )
     trainer.replay_train_dataloader = train_dataloader
     trainer.strategy.connect(model)
+    try:  # a model fresh from `fit` keeps its Trainer: given back afterwards
+        attached = model.trainer
+    except RuntimeError:  # "not attached to a `Trainer`"
+        attached = None
     model.trainer = trainer
     try:
         _drive(trainer, model, callbacks, found, progress)
     finally:
-        model.trainer = None
+        model.trainer = attached
     for lg in trainer.loggers:
         lg.finalize("success")
     result = ReplayResult(found, callbacks, trainer)

@@ -101,6 +101,10 @@ def test_arguments(run):
         replay(nn.Linear(8, 3), run)
     with pytest.raises(TypeError, match="non-empty list of probes"):
         replay(TinyClassifier, run, [pl.Callback()])
+    used = AblationAUCCallback()
+    replay(TinyClassifier, run, [used])
+    with pytest.raises(ValueError, match=r"AblationAUCCallback \(2 runs\) that ran before"):
+        replay(TinyClassifier, run, [used])
     one = sorted(run.glob("epoch*.ckpt"))[:1]
     with pytest.raises(ValueError, match="LossContributionCallback needs two checkpoints"):
         replay(TinyClassifier, one, [LossContributionCallback()])

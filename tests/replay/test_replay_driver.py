@@ -90,8 +90,8 @@ def test_stateless_probes_replayed_equal_live(tmp_path):
 def test_probe_set_drawn_from_the_train_loader_as_live(tmp_path):
     pl.seed_everything(0, verbose=False)
     live = RecordingLogger()
-    folder = train(tmp_path, TinyClassifier(), [LayerCKACallback(every_n_steps=EVERY, probe_size=20)],
-                   logger=live)  # fmt: skip
+    probe = LayerCKACallback(every_n_steps=EVERY, probe_size=20)  # drawn from the loader
+    folder = train(tmp_path, TinyClassifier(), [probe], logger=live)
     replayed = RecordingLogger()
     replay_checkpoints(
         TinyClassifier, folder, [LayerCKACallback(probe_size=20)],
@@ -185,3 +185,69 @@ def test_integration_error_above_tolerance_is_reported(tanh_checkpoints):
             TanhClassifier, folder, [lca], probe_data=probe_data(), logger=RecordingLogger()
         )
     assert "integration error" in result.summary()
+
+
+class SaveInitial(pl.Callback):
+    """Saves the initial weights at step 0 (ModelCheckpoint never does)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        trainer.save_checkpoint(self.path)
+
+
+def test_checkpoint_at_step_zero_is_the_initialisation(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    folder = train(
+        tmp_path, TanhClassifier(), [SaveInitial(tmp_path / "checkpoints" / "init.ckpt")]
+    )
+    logger = RecordingLogger()
+    probes = [LossContributionCallback(), LandscapeCallback(plane_every_n_runs=0)]
+    result = replay_checkpoints(
+        TanhClassifier, folder, probes, probe_data=probe_data(), logger=logger
+    )
+    assert result.steps == [0, 2, 4, 6]
+    assert logger.steps_of("probes/lca/lc") == [2, 4, 6]  # the first segment starts at step 0
+    assert logger.steps_of("probes/landscape/distance_from_init") == [2, 4, 6]
+    first = by_step(logger, "probes/landscape/distance_from_init")[2]
+    init = load_checkpoint(folder / "init.ckpt")["state_dict"]
+    at_2 = load_checkpoint(find_checkpoints(folder)[1].path)["state_dict"]
+    want = torch.cat([(at_2[k] - init[k]).flatten() for k in init]).double().norm()
+    assert first["probes/landscape/distance_from_init"] == pytest.approx(float(want), rel=1e-5)
+
+
+def test_lightning_namespace_and_the_models_trainer_given_back(tmp_path):
+    lightning = pytest.importorskip("lightning.pytorch")
+    from lightning_probes.lightning import AblationAUCCallback as Ablation
+
+    class Module(lightning.LightningModule):
+        def __init__(self, hidden: int = 8) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Linear(hidden, 3))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    ckpt = lightning.callbacks.ModelCheckpoint(tmp_path, save_top_k=-1, every_n_train_steps=2)
+    trainer = lightning.Trainer(
+        max_steps=4, logger=False, callbacks=[ckpt], accelerator="cpu",
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    module = Module(hidden=12)
+    trainer.fit(module, make_loader())
+    logger = RecordingLogger()
+    result = replay_checkpoints(
+        Module, tmp_path, [Ablation()], probe_data=probe_data(), logger=logger
+    )
+    assert isinstance(result.trainer, lightning.Trainer)
+    assert logger.steps_of("probes/ablation/auc") == [2, 4]  # built with hidden=12 from hparams
+    replay_checkpoints(module, tmp_path, [Ablation()], probe_data=probe_data(), logger=logger)
+    assert module.trainer is trainer
