@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = _with_config(parser, args)
     try:
         result = _replay(options)
-    except (ValueError, TypeError, ImportError, AttributeError) as err:
+    except (ValueError, TypeError, ImportError) as err:
         parser.error(str(err))  # exits with status 2 and the message, no traceback
     print(result.summary())
     for lg in result.trainer.loggers:
