@@ -103,7 +103,10 @@ def find_checkpoints(source: str | Path | Iterable[str | Path]) -> list[ReplayCh
             raise ValueError("Expected at least one checkpoint, got an empty list.")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise ValueError(f"Expected checkpoint files or a folder, got missing path(s) {missing}.")
+        raise ValueError(
+            f"Expected checkpoint files or a folder of them, got path(s) that are not files: "
+            f"{missing} (a sharded DeepSpeed/FSDP checkpoint is a folder: convert it to one file)."
+        )
     by_step: dict[int, tuple[ReplayCheckpoint, dict[str, Any]]] = {}
     for path in sorted(paths, key=lambda p: p.name):
         ckpt = load_checkpoint(path)

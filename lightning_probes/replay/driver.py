@@ -137,6 +137,8 @@ def replay_checkpoints(
         )
     found = find_checkpoints(checkpoints)
     model, trainer_cls = _build_model(model, found[0])
+    for ckpt in found:  # every one fits before anything is logged (memory-mapped: cheap)
+        check_fits(model, load_checkpoint(ckpt.path)["state_dict"], ckpt.path)
     _give_probe_data(callbacks, probe_data, train_dataloader)
     _replay_schedules(callbacks, found)
     trainer = trainer_cls(
@@ -229,9 +231,7 @@ def _drive(
 
 
 def _load_weights(model: Any, ckpt: ReplayCheckpoint) -> None:
-    state = load_checkpoint(ckpt.path)["state_dict"]
-    check_fits(model, state, ckpt.path)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(load_checkpoint(ckpt.path)["state_dict"], strict=True)
 
 
 def _build_model(model: Any, first: ReplayCheckpoint) -> tuple[Any, type]:

@@ -56,11 +56,11 @@ def test_empty_folder(tmp_path):
         ValueError, match=r"Expected checkpoints \(`\*.ckpt` files\) in .*found none"
     ):
         replay(TinyClassifier, tmp_path)
-    with pytest.raises(ValueError, match="missing path"):
+    with pytest.raises(ValueError, match="path.* that are not files"):
         replay(TinyClassifier, [tmp_path / "nope.ckpt"])
 
 
-def test_checkpoint_of_another_model(run):
+def test_checkpoint_of_another_model(run, tmp_path):
     with pytest.raises(
         ValueError, match=r"does not fit the model OtherModel: missing keys \['body"
     ):
@@ -70,6 +70,16 @@ def test_checkpoint_of_another_model(run):
         replay(wider, run)
     with pytest.raises(ValueError, match="dtype mismatches.*model.double"):
         replay(TinyClassifier().double(), run)
+    # a later checkpoint of another model: refused before anything is logged
+    for path in run.glob("epoch*.ckpt"):
+        shutil.copy(path, tmp_path / path.name)
+    other = torch.load(run / "last.ckpt", weights_only=True)
+    other["state_dict"], other["global_step"] = OtherModel().state_dict(), 6
+    torch.save(other, tmp_path / "z.ckpt")
+    logger = RecordingLogger()
+    with pytest.raises(ValueError, match=r"'.*z.ckpt' does not fit the model TinyClassifier"):
+        replay(TinyClassifier, tmp_path, logger=logger)
+    assert logger.records == []
 
 
 def test_folder_mixing_two_runs(run, tmp_path):
