@@ -154,6 +154,11 @@ class ProbeCallback(ProbeState):
         """The fixed probe set (``None`` until fitting starts when it is drawn from data)."""
         return self._probe_set
 
+    def use_probe_data(self, probe_data: Any) -> None:
+        """Use ``probe_data`` as the fixed probe set, as if given to ``__init__`` (before fit)."""
+        self.probe_data = probe_data
+        self._probe_set = self._given = probe_set_from_tensors(probe_data)
+
     # ------------------------------------------------------------------ Lightning hooks
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
