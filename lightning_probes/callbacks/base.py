@@ -39,6 +39,7 @@ from lightning_probes.callbacks.shared import (
     shared_work,
 )
 from lightning_probes.callbacks.state import ProbeState
+from lightning_probes.callbacks.strategies import check_strategy, probe_model
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import BatchToInputsTargets, ProbeSet, probe_set_from_tensors
 from lightning_probes.core.isolation import isolated
@@ -152,6 +153,7 @@ class ProbeCallback(ProbeState):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_strategy(trainer, type(self).__name__)  # FSDP1, DeepSpeed: refused
         warning = check_loggers(trainer, type(self).__name__)
         if warning is not None:
             self._warn_once("no-tensorboard", warning)
@@ -162,7 +164,7 @@ class ProbeCallback(ProbeState):
         self._seen_step = trainer.global_step
         started = self._budget.start()
         try:
-            self._prepare(trainer, pl_module)
+            self._prepare(trainer, probe_model(pl_module))  # FSDP2: an unsharded replica
         finally:
             self._budget.charge_since(started)
 
@@ -331,7 +333,7 @@ class ProbeCallback(ProbeState):
         data = self._probe_set
         overridden = type(self).predict_cost is not ProbeCallback.predict_cost
         if overridden and pl_module is not None and data is not None:
-            predict = lambda: predict_first_run(self, pl_module, data)  # noqa: E731
+            predict = lambda: predict_first_run(self, probe_model(pl_module), data)  # noqa: E731
         fits = self._budget.admits(trainer, predict)
         if not fits:
             self._warn_once("over-budget", self._budget.skip_message(type(self).__name__))
@@ -368,10 +370,11 @@ class ProbeCallback(ProbeState):
         self._on_step = on_step
         started = time.perf_counter()
         try:
-            if not all_finite(pl_module.parameters()):
+            model = probe_model(pl_module)  # FSDP2: a replica with the weights gathered whole
+            if not all_finite(model.parameters()):
                 raise NonFiniteValueError("the model's parameters are not finite")
-            with isolated(pl_module, grad=self.needs_grad):
-                self.probe(trainer, pl_module, self._probe_set)
+            with isolated(model, grad=self.needs_grad):
+                self.probe(trainer, model, self._probe_set)
             self._runs += 1
         except Exception as err:  # NaN/inf: skipped; else warned, or raised with "raise"
             self._failed = True
