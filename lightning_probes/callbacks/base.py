@@ -164,7 +164,8 @@ class ProbeCallback(ProbeState):
         self._seen_step = trainer.global_step
         started = self._budget.start()
         try:
-            self._prepare(trainer, probe_model(pl_module))  # FSDP2: an unsharded replica
+            # under FSDP2: an unsharded replica
+            self._prepare(trainer, probe_model(pl_module, type(self).__name__))
         finally:
             self._budget.charge_since(started)
 
@@ -333,7 +334,8 @@ class ProbeCallback(ProbeState):
         data = self._probe_set
         overridden = type(self).predict_cost is not ProbeCallback.predict_cost
         if overridden and pl_module is not None and data is not None:
-            predict = lambda: predict_first_run(self, probe_model(pl_module), data)  # noqa: E731
+            model = lambda: probe_model(pl_module, type(self).__name__)  # noqa: E731
+            predict = lambda: predict_first_run(self, model(), data)  # noqa: E731
         fits = self._budget.admits(trainer, predict)
         if not fits:
             self._warn_once("over-budget", self._budget.skip_message(type(self).__name__))
@@ -370,7 +372,7 @@ class ProbeCallback(ProbeState):
         self._on_step = on_step
         started = time.perf_counter()
         try:
-            model = probe_model(pl_module)  # FSDP2: a replica with the weights gathered whole
+            model = probe_model(pl_module, type(self).__name__)  # FSDP2: weights gathered
             if not all_finite(model.parameters()):
                 raise NonFiniteValueError("the model's parameters are not finite")
             with isolated(model, grad=self.needs_grad):

@@ -53,7 +53,7 @@ def check_strategy(trainer: Any, owner: str) -> None:
     )
 
 
-def probe_model(pl_module: LightningModule) -> LightningModule:
+def probe_model(pl_module: LightningModule, owner: str) -> LightningModule:
     """The model a probe runs on: ``pl_module``, or its unsharded replica under FSDP2.
 
     The replica is built at each call (the weights gathered whole on every rank: call it at
@@ -61,11 +61,18 @@ def probe_model(pl_module: LightningModule) -> LightningModule:
     ``pl_module``'s attributes (Trainer, device, logging state) and buffers, so the probe logs
     through it as through ``pl_module``.
 
+    Args:
+        pl_module: The trained model.
+        owner: The probe's class name, for the message.
+
     Returns:
-        ``pl_module`` itself when no parameter is sharded, else the replica.
+        ``pl_module`` itself when it is not sharded, else the replica.
 
     Raises:
-        ValueError: For tensor-parallel parameters
+        ValueError: For tensor-parallel parameters, naming the probe
             (:func:`~lightning_probes.core.sharding.check_unshardable`).
     """
-    return unsharded_replica(pl_module)  # type: ignore[return-value]
+    try:
+        return unsharded_replica(pl_module)  # type: ignore[return-value]
+    except ValueError as err:
+        raise ValueError(f"{owner}: {err}") from None

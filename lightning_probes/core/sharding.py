@@ -75,13 +75,19 @@ def _is_dtensor(t: Any) -> bool:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether any parameter of ``model`` is a ``DTensor`` (FSDP2 or tensor parallelism).
+    """Whether ``model`` is sharded: a ``DTensor`` parameter, or a module ``fully_shard`` wraps.
+
+    The second case covers the moments when FSDP2 has registered gathered, plain parameters
+    (between an ``unshard`` and the next reshard): its hooks are still there.
 
     Example:
         >>> is_sharded(nn.Linear(2, 3))
         False
     """
-    return any(_is_dtensor(p) for p in model.parameters())
+    fsdp = _fsdp_module_type()
+    return any(_is_dtensor(p) for p in model.parameters()) or (
+        fsdp is not None and any(isinstance(m, fsdp) for m in model.modules())
+    )
 
 
 def _full(t: Tensor) -> Tensor:
@@ -110,9 +116,7 @@ def full_parameters(model: nn.Module, *, trainable_only: bool = True) -> dict[st
         {'weight': (3, 2), 'bias': (3,)}
     """
     return {
-        k: _full(p)
-        for k, p in model.named_parameters()
-        if p.requires_grad or not trainable_only
+        k: _full(p) for k, p in model.named_parameters() if p.requires_grad or not trainable_only
     }
 
 
@@ -163,14 +167,14 @@ def unsharded_replica(model: nn.Module) -> nn.Module:
     each parameter gathered whole (a new ``nn.Parameter`` with the same ``requires_grad``;
     one per original parameter, so tied weights stay tied) and without the hooks that
     ``torch.distributed`` registered (FSDP's gathers and reshards); the user's own hooks are
-    kept. The original model is not modified. A model without ``DTensor`` parameters is
-    returned as it is.
+    kept. The original model is not modified.
 
     Args:
         model: The network, sharded by ``fully_shard`` or not.
 
     Returns:
-        An ``nn.Module`` computing the unsharded model's function; ``model`` if not sharded.
+        An ``nn.Module`` computing the unsharded model's function; ``model`` itself if
+        :func:`is_sharded` is false.
 
     Raises:
         ValueError: For tensor-parallel parameters (:func:`check_unshardable`).
@@ -225,11 +229,11 @@ def _whole_parameter(p: Tensor, memo: dict[int, Any]) -> nn.Parameter:
     return memo[id(p)]
 
 
-def _unwrapped_class(cls: type) -> type:
+def _unwrapped_class(cls: type[nn.Module]) -> type[nn.Module]:
     """``cls`` without FSDP's dynamic wrapper (``FSDPLinear(FSDPModule, Linear)`` -> Linear)."""
     fsdp = _fsdp_module_type()
     while fsdp is not None and issubclass(cls, fsdp) and cls is not fsdp:
-        bases = [b for b in cls.__bases__ if not issubclass(b, fsdp)]
+        bases = [b for b in cls.__bases__ if issubclass(b, nn.Module) and not issubclass(b, fsdp)]
         if len(bases) != 1:
             break
         cls = bases[0]

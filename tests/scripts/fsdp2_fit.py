@@ -1,10 +1,10 @@
 """Train TinyClassifier under FSDP2 and under DDP (2 CPU processes, gloo), probes attached.
 
-FSDP2 is ``ModelParallelStrategy`` with ``fully_shard`` on every Linear and on the network in
+FSDP2 is ``ModelParallelStrategy`` with ``fully_shard`` on every Linear and on the module in
 ``configure_model`` (the last layer, 3 rows on 2 ranks, is sharded unevenly). Three fits in one
-launch, from the same seed: FSDP2 with the probes of ``ddp_probes.<spec>``, FSDP2 without
-probes for as many steps (the probes must not change training), DDP with the same probes (the values to match).
-Each rank writes ``<out>/<run>_rank<r>.json``: ``callback_metrics``, every probe's
+launch, from the same seed: FSDP2 with the probes of ``ddp_probes.<spec>``; FSDP2 without
+probes for as many steps (the probes must not change training); DDP with the same probes (the
+values to match). Each rank writes ``<out>/<run>_rank<r>.json``: ``callback_metrics``, every probe's
 ``state_dict`` and the final whole weights.
 
 Usage: python fsdp2_fit.py OUT_DIR PROBES_SPEC
@@ -39,7 +39,7 @@ class ShardedClassifier(TinyClassifier):
         for layer in self.net:
             if isinstance(layer, torch.nn.Linear):
                 fully_shard(layer, mesh=mesh)
-        fully_shard(self.net, mesh=mesh)
+        fully_shard(self, mesh=mesh)  # the LightningModule itself: the replica must log
 
 
 def fit(out: Path, run: str, spec: str | None, max_steps: int | None = None) -> int:
