@@ -14,7 +14,7 @@ out, each parameter gathered whole (:meth:`DTensor.full_tensor`), buffers shared
 probe runs exactly the code path of a single process and gives the same values as under DDP.
 The gather is a collective: every rank must build the replica at the same point, in the same
 order (the probes run at the same steps on every rank). Memory: one whole copy of the
-trainable weights per rank while a probe runs, so the model must fit on one device for probing.
+weights per rank while a probe runs, so the model must fit on one device for probing.
 
 Tensor parallelism (``DTensor`` parameters that ``fully_shard`` did not create, or FSDP over
 them) is refused by :func:`check_unshardable`: a tensor-parallel forward may depend on the
