@@ -19,6 +19,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_probes import logging as plog
+from lightning_probes.callbacks import memory
 from lightning_probes.callbacks.budget import (
     FIRST_RUN_ALLOWANCE,
     RunBudget,
@@ -37,7 +38,6 @@ from lightning_probes.callbacks.checks import (
     check_probe_targets,
     failure_warning,
 )
-from lightning_probes.callbacks.memory import prepare_or_out_of_memory, run_retrying
 from lightning_probes.callbacks.schedule import ProbeSchedule
 from lightning_probes.callbacks.shared import (
     draw_shared_probe_set,
@@ -45,6 +45,7 @@ from lightning_probes.callbacks.shared import (
     shared_work,
 )
 from lightning_probes.callbacks.state import ProbeState
+from lightning_probes.callbacks.strategies import check_strategy, probe_model
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import BatchToInputsTargets, ProbeSet, probe_set_from_tensors
 from lightning_probes.core.isolation import isolated
@@ -164,6 +165,7 @@ class ProbeCallback(ProbeState):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_strategy(trainer, type(self).__name__)  # FSDP1, DeepSpeed: refused
         warning = check_loggers(trainer, type(self).__name__)
         if warning is not None:
             self._warn_once("no-tensorboard", warning)
@@ -173,16 +175,14 @@ class ProbeCallback(ProbeState):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._seen_step = trainer.global_step
         started = self._budget.start()
-        try:  # an OOM turns the probe off (with a warning); configuration errors stop fit
-            failed = prepare_or_out_of_memory(
-                lambda: self._prepare(trainer, pl_module), self, pl_module.device
-            )
+        try:  # an OOM turns the probe off (warned); configuration errors stop fit. FSDP2: replica
+            prepare = lambda: self._prepare(trainer, probe_model(pl_module, self))  # noqa: E731
+            failed = memory.prepare_or_out_of_memory(prepare, self, pl_module.device)
         finally:
             self._budget.charge_since(started)
         if trainer.strategy.reduce_boolean_decision(failed is not None, all=False):
             self._probe_set = None  # off on every rank alike, so collectives stay matched
-            other = f"{type(self).__name__} is off: another rank ran out of memory at fit start"
-            self._warn_once("oom-start", failed or other, trainer)
+            self._warn_once("oom-start", failed or memory.off_on_another_rank(self), trainer)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -205,8 +205,7 @@ class ProbeCallback(ProbeState):
             needs_targets=self.needs_targets,
             needs_class_targets=self.needs_class_targets,
         )
-        with isolated(pl_module, grad=False):
-            # configuration errors surface here, once, before any training step
+        with isolated(pl_module, grad=False):  # configuration errors: once, before training
             self.validate(pl_module, self._probe_set)
         self.check_restored_parameters(pl_module)
         self.on_probe_set_ready(trainer, pl_module, self._probe_set)
@@ -351,7 +350,8 @@ class ProbeCallback(ProbeState):
         data = self._probe_set
         overridden = type(self).predict_cost is not ProbeCallback.predict_cost
         if overridden and pl_module is not None and data is not None:
-            predict = lambda: predict_first_run(self, pl_module, data)  # noqa: E731
+            model = lambda: probe_model(pl_module, type(self).__name__)  # noqa: E731
+            predict = lambda: predict_first_run(self, model(), data)  # noqa: E731
         fits = self._budget.admits(trainer, predict)
         if not fits:
             self._warn_once("over-budget", self._budget.skip_message(type(self).__name__))
@@ -379,15 +379,16 @@ class ProbeCallback(ProbeState):
         self._on_step = on_step
         started = time.perf_counter()
         try:
-            if not all_finite(pl_module.parameters()):
+            model = probe_model(pl_module, self)  # FSDP2: weights gathered
+            if not all_finite(model.parameters()):
                 raise NonFiniteValueError("the model's parameters are not finite")
             data, device = self._probe_set, pl_module.device
 
             def attempt() -> None:
-                with isolated(pl_module, grad=self.needs_grad):
-                    self.probe(trainer, pl_module, data)
+                with isolated(model, grad=self.needs_grad):
+                    self.probe(trainer, model, data)
 
-            run_retrying(attempt, self, len(data), device, self._warn_once)  # OOM: smaller chunks
+            memory.run_retrying(attempt, self, len(data), device, self._warn_once)  # OOM: retried
             self._runs += 1
         except Exception as err:  # NaN/inf: skipped; else warned, or raised with "raise"
             self._failed = True

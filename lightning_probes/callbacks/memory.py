@@ -31,6 +31,7 @@ __all__ = [
     "format_bytes",
     "is_out_of_memory",
     "needed_bytes",
+    "off_on_another_rank",
     "out_of_memory_message",
     "prepare_or_out_of_memory",
     "release_memory",
@@ -268,3 +269,8 @@ def prepare_or_out_of_memory(
         "\nThe memory was freed and training continues; the probe is off for this fit "
         "(pass a smaller `probe_size`, or a smaller chunk setting where the probe has one)."
     )
+
+
+def off_on_another_rank(probe: Any) -> str:
+    """The warning of a rank whose probe is off because another rank ran out of memory."""
+    return f"{type(probe).__name__} is off: another rank ran out of memory at fit start"

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_probes.core.data import ProbeSet, draw_probe_set
+from lightning_probes.core.sharding import full_parameters
 
 
 @dataclass(eq=False)
@@ -119,7 +120,7 @@ class SharedWork:
         latest = None if self._latest is None else self._latest()
         if latest is not None and latest.step == step:
             return latest
-        params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+        params = full_parameters(model)  # trainable; DTensor shards (FSDP2) gathered whole
         offered = None if self._offered is None else self._offered()
         self._offered = None
         if offered is not None and offered.equals(params):

@@ -26,13 +26,13 @@ import ddp_probes  # noqa: E402
 from conftest import TinyClassifier, make_loader  # noqa: E402
 
 
-def _plain(value):
+def as_plain(value):
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().double().flatten().tolist()
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): as_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [as_plain(v) for v in value]
     return value
 
 
@@ -61,7 +61,7 @@ def main() -> None:
     trainer.fit(TinyClassifier(), make_loader(n=128, batch_size=16))
     record = {
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
-        "states": {type(p).__name__: _plain(p.state_dict()) for p in probes},
+        "states": {type(p).__name__: as_plain(p.state_dict()) for p in probes},
         "global_step": trainer.global_step,
         "should_stop": bool(trainer.should_stop),
     }
