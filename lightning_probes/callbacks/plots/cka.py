@@ -20,11 +20,11 @@ from lightning_probes import logging as plog
 from lightning_probes.callbacks.plots.style import (
     DIVERGING,
     SEQUENTIAL,
-    axis_scale,
     color_norm,
     labelled_colorbar,
     masked_cmap,
     name_ticks,
+    set_scale,
     size_for_labels,
     styled_figure,
     wrap,
@@ -152,7 +152,7 @@ def alignment_vs_layer_figure(
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(range(len(names)), history[-1], marker="o")
     name_ticks(ax, "x", names, rotation=45)
-    ax.set_yscale(axis_scale(history[-1]))
+    set_scale(ax, "y", history[-1])
     ax.set(xlabel="layer", ylabel="kernel-label alignment $A_l$", title=f"step {steps[-1]}")
     return fig
 
@@ -172,6 +172,7 @@ def alignment_hierarchy_figure(
     name_ticks(ax, "y", names)
     ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 6)).astype(int))
     ax.set_xticks(ticks, [str(steps[t]) for t in ticks])
-    ax.set(xlabel="step", ylabel="layer", title="alignment hierarchy (grey: undefined)")
+    title = "alignment hierarchy" + (" (grey: undefined)" if values.mask.any() else "")
+    ax.set(xlabel="step", ylabel="layer", title=title)
     labelled_colorbar(fig, image, ax, "kernel-label alignment $A_l$")
     return fig

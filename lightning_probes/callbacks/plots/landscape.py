@@ -18,11 +18,11 @@ from lightning_probes import logging as plog
 from lightning_probes.callbacks.plots.style import (
     LABEL_SIZE,
     SEQUENTIAL,
-    axis_scale,
     color_norm,
     labelled_colorbar,
     layer_colors,
     legend_outside,
+    set_scale,
     styled_figure,
 )
 from lightning_probes.core.landscape.planes import LossPlane
@@ -76,7 +76,12 @@ def plane_figure(plane: LossPlane, kind: str, step: int) -> Figure:
         The figure, with a labelled colour bar and the current weights (and origin) marked.
     """
     from matplotlib.colors import LogNorm
-    from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullLocator
+    from matplotlib.ticker import (
+        LogFormatterSciNotation,
+        LogLocator,
+        NullLocator,
+        StrMethodFormatter,
+    )
 
     fig = styled_figure(5.6, 4.0)
     ax = fig.add_subplot(1, 1, 1)
@@ -92,8 +97,11 @@ def plane_figure(plane: LossPlane, kind: str, step: int) -> Figure:
         label = "probe-set loss"
     bar = labelled_colorbar(fig, filled, ax, label)
     if isinstance(norm, LogNorm):  # ticks at powers of ten, not at the contour levels
-        bar.ax.yaxis.set_major_locator(LogLocator())
-        bar.ax.yaxis.set_major_formatter(LogFormatterSciNotation())
+        few = np.log10(float(norm.vmax) / float(norm.vmin)) < 3  # type: ignore[arg-type]
+        bar.ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if few else (1.0,)))
+        bar.ax.yaxis.set_major_formatter(
+            StrMethodFormatter("{x:g}") if few else LogFormatterSciNotation()
+        )
         bar.ax.yaxis.set_minor_locator(NullLocator())
     ax.plot([0.0], [0.0], "r*", markersize=10, label="current weights")
     if kind == "radial" and a[0] <= -1.0:
@@ -123,7 +131,7 @@ def log_segments(
         values.append(plog.as_numpy(losses))
         ax.plot(plog.as_numpy(t), values[-1], marker=".", color=color, label=f"from step {step}")
     if values:
-        ax.set_yscale(axis_scale(np.concatenate(values)))
+        set_scale(ax, "y", np.concatenate(values))
     ax.set_xlabel("t  (0: earlier checkpoint, 1: now)")
     ax.set_ylabel("probe-set loss")
     ax.set_title(

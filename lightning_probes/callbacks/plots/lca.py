@@ -17,9 +17,9 @@ from torch import Tensor
 
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.plots.style import (
-    axis_scale,
     legend_outside,
     name_ticks,
+    set_scale,
     size_for_labels,
     styled_figure,
 )
@@ -153,16 +153,16 @@ def loss_curve_figure(history: torch.Tensor) -> Figure:
     h = plog.as_numpy(history)
     fig = styled_figure(6.0, 4.0)
     ax = fig.add_subplot()
-    measured_all = []
+    shown = []
     for i, seg in enumerate(_segments(h[:, 0])):
         steps = np.concatenate([[h[seg[0], 0] - 1], h[seg, 0]])
         rebuilt = plog.as_numpy(rebuild_loss_curve(float(h[seg[0], 1]), _tensor(h[seg, 3])))
         measured = np.concatenate([[h[seg[0], 1]], h[seg, 2]])
-        measured_all.append(measured)
+        shown += [measured, rebuilt]  # the axis must show both (rebuilt may be < 0)
         ax.plot(steps, measured, "o", ms=3, color="black", label="measured" if i == 0 else None)
         ax.plot(steps, rebuilt, "-", color=HURT, label="rebuilt from LC" if i == 0 else None)
-    if measured_all:
-        ax.set_yscale(axis_scale(np.concatenate(measured_all)))
+    if shown:
+        set_scale(ax, "y", np.concatenate(shown))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss on the LCA set")
     ax.set_title("measured loss vs loss rebuilt from LC", fontsize="medium")

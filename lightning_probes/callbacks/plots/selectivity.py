@@ -15,10 +15,10 @@ from torch import Tensor
 
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.plots.style import (
-    axis_scale,
     layer_colors,
     layer_markers,
     legend_outside,
+    set_scale,
     size_for_labels,
     styled_figure,
 )
@@ -69,19 +69,8 @@ def importance_scatter_figure(
             alpha=0.8, linewidths=0, label=f"{layer} (r={r:.2f})",
         )  # fmt: skip
     if layers:
-        values = np.concatenate([plog.as_numpy(impact[layer]) for layer in layers])
-        scale = axis_scale(values)
-        if scale == "symlog":
-            ax.set_yscale(scale, linthresh=_linthresh(values))
-        else:
-            ax.set_yscale(scale)
+        set_scale(ax, "y", np.concatenate([plog.as_numpy(impact[layer]) for layer in layers]))
     ax.set(xlabel="class selectivity", ylabel="loss increase when ablated")
     ax.set_title(f"step {step}: selectivity vs importance (Spearman r)", fontsize="medium")
     legend_outside(ax, title="layer")
     return fig
-
-
-def _linthresh(values: np.ndarray) -> float:
-    """Linear range of a symlog axis: the 10th percentile of the non-zero magnitudes."""
-    v = np.abs(values[np.isfinite(values) & (values != 0)])
-    return float(np.quantile(v, 0.1)) if v.size else 1.0

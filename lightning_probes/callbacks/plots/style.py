@@ -137,6 +137,31 @@ def axis_scale(values: Any, decades: float = DECADES) -> str:
     return "log" if v.min() > 0 else "symlog"
 
 
+def set_scale(ax: Axes, axis: str, values: Any, decades: float = DECADES) -> str:
+    """Give ``ax``'s ``axis`` (``"x"``/``"y"``) the :func:`axis_scale` of ``values``.
+
+    A symmetric-log axis is linear below the 10th percentile of the non-zero magnitudes.
+
+    Args:
+        ax: The axes.
+        axis: ``"x"`` or ``"y"``.
+        values: Everything drawn along that axis.
+        decades: See :func:`spans_decades`.
+
+    Returns:
+        The scale set.
+    """
+    scale = axis_scale(values, decades)
+    setter = ax.set_xscale if axis == "x" else ax.set_yscale
+    if scale == "symlog":
+        v = np.abs(np.asarray(values, dtype=np.float64))
+        v = v[np.isfinite(v) & (v > 0)]
+        setter(scale, linthresh=float(np.quantile(v, 0.1)))
+    else:
+        setter(scale)
+    return scale
+
+
 def labelled_colorbar(fig: Figure, mappable: ScalarMappable, ax: Axes, label: str) -> Colorbar:
     """A colour bar beside ``ax`` that says what its colours show.
 
