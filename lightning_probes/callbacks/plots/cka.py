@@ -87,10 +87,14 @@ def log_kernel(
         return
     labels = targets if targets.ndim == 1 else None
     title = f"centred kernel of {'/'.join(key.split('/')[2:-1]) or 'the model'}"
-    plog.log_figure(trainer, key, kernel_figure(image, title, labels, trainer.global_step))
+    pooled = image.shape[0] < kernel.shape[0]
+    figure_ = kernel_figure(image, title, labels, trainer.global_step, pooled=pooled)
+    plog.log_figure(trainer, key, figure_)
 
 
-def kernel_figure(image: Tensor, title: str, labels: Tensor | None, step: int) -> Figure:
+def kernel_figure(
+    image: Tensor, title: str, labels: Tensor | None, step: int, *, pooled: bool = False
+) -> Figure:
     """The centred kernel on a symmetric diverging scale, class blocks outlined.
 
     Args:
@@ -99,6 +103,7 @@ def kernel_figure(image: Tensor, title: str, labels: Tensor | None, step: int) -
         labels: ``[n]`` class labels of the samples (sorted by class in the image: the class
             boundaries are drawn), or ``None``.
         step: The global step.
+        pooled: The image is average-pooled (said on the colour bar).
 
     Returns:
         The figure.
@@ -109,7 +114,8 @@ def kernel_figure(image: Tensor, title: str, labels: Tensor | None, step: int) -
     shown = ax.imshow(
         img, cmap=DIVERGING, norm=color_norm(img, symmetric=True), interpolation="nearest"
     )
-    labelled_colorbar(fig, shown, ax, "centred tangent kernel $K_c[i, j]$")
+    label = "centred tangent kernel $K_c[i, j]$" + (" (block means)" if pooled else "")
+    labelled_colorbar(fig, shown, ax, label)
     if labels is not None:
         counts = torch.unique(labels.cpu(), return_counts=True)[1]
         for edge in (torch.cumsum(counts, 0)[:-1] * img.shape[0] / labels.numel()).tolist():
