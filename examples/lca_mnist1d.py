@@ -116,7 +116,8 @@ def main() -> None:
     print(f"  the paper reports k = 0.53); last logged per-step k = {per_step_k:.2f}.")
 
     OUT.mkdir(parents=True, exist_ok=True)
-    cumulative_by_layer_figure(per_layer).savefig(OUT / "cumulative_lc_by_layer.png")
+    steps = lca.history[:, 0].long().tolist()  # the steps the cumulative sums cover
+    cumulative_by_layer_figure(per_layer, steps=steps).savefig(OUT / "cumulative_lc_by_layer.png")
     loss_curve_figure(lca.history).savefig(OUT / "loss_curve_rebuilt.png")
     from lightning_probes.logging import new_figure
 

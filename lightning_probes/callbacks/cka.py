@@ -20,7 +20,7 @@ from typing_extensions import override
 
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.base import ProbeCallback
-from lightning_probes.callbacks.plots.cka import kernel_image, log_alignment_figures
+from lightning_probes.callbacks.plots.cka import log_alignment_figures, log_kernel
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
 from lightning_probes.core.evaluation import OutputFn, chunks
@@ -170,19 +170,21 @@ class LayerCKACallback(ProbeCallback):
 
         Exact kernels: one capture forward, ``o`` batched backward passes, and per layer the
         kernel product, its statistics and the stable rank's block Lanczos
-        (:func:`~lightning_probes.core.kernels.cost.kernel_probe_cost`); plus two figures. The
-        Hutchinson estimator is not predicted.
+        (:func:`~lightning_probes.core.kernels.cost.kernel_probe_cost`); plus two figures, and
+        one per layer with ``log_kernels``. The Hutchinson estimator is not predicted.
         """
         if self.estimator != "exact":
             return None
+        layers = resolve_layers(pl_module, self._layer_names or self.layers)
         flops, moved = kernel_probe_cost(
-            resolve_layers(pl_module, self._layer_names or self.layers).values(),
+            layers.values(),
             units.num_samples,
             units.num_outputs,
             chunk_size=self.chunk_size,
             stable_rank=self.stable_rank,
         )
-        figures = 2 if self.log_figures and plog.matplotlib_available() else 0
+        kernels = len(layers) if self.log_kernels and self.chunk_size is None else 0
+        figures = 2 + kernels if self.log_figures and plog.matplotlib_available() else 0
         return units.seconds(
             forwards=1 + 2 * units.num_outputs, flops=flops, memory_bytes=moved, figures=figures
         )
@@ -240,10 +242,13 @@ class LayerCKACallback(ProbeCallback):
             if self.stable_rank:
                 values[name]["stable_rank"] = stats.stable_rank
             if stats.kernel is not None:
-                plog.log_image(
+                log_kernel(
                     trainer,
                     self.key("kernel", name),
-                    kernel_image(stats.kernel, data.targets, self.centering),
+                    stats.kernel,
+                    data.targets,
+                    self.centering,
+                    figure=self.log_figures and self.figures_enabled(),
                 )
         return values
 

@@ -26,10 +26,10 @@ from typing_extensions import override
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.base import ProbeCallback
 from lightning_probes.callbacks.plots.nad import (
+    log_direction_images,
     log_energy_figure,
     log_index_histogram,
     log_spectrum_figure,
-    nad_images,
 )
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
@@ -265,10 +265,13 @@ class NADCallback(ProbeCallback):
         plog.log_scalars(trainer, pl_module, {self.key("spectrum_share_top"): share}, on_step=None)
         plog.log_histogram(trainer, self.key("singular_values"), nads.singular_values)
         if self.num_images:
-            first = nads.directions[: self.num_images].float()
-            pixel, fourier = nad_images(first)
-            plog.log_image(trainer, self.key("directions"), pixel)
-            plog.log_image(trainer, self.key("directions_fourier"), fourier)
+            log_direction_images(
+                trainer,
+                self.key("directions"),
+                self.key("directions_fourier"),
+                nads.directions[: self.num_images],
+                figure=self.figures_enabled(),
+            )
         if self.figures_enabled():
             log_spectrum_figure(trainer, self.key("spectrum"), nads.singular_values)
 

@@ -8,12 +8,27 @@ Fort & Jastrzebski 2019's radial tunnel), and the loss along segments to earlier
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
+import numpy as np
 from pytorch_lightning import Trainer
 from torch import Tensor
 
 from lightning_probes import logging as plog
+from lightning_probes.callbacks.plots.style import (
+    LABEL_SIZE,
+    SEQUENTIAL,
+    color_norm,
+    labelled_colorbar,
+    layer_colors,
+    legend_outside,
+    set_scale,
+    styled_figure,
+)
 from lightning_probes.core.landscape.planes import LossPlane
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def plane_image(plane: LossPlane) -> Tensor:
@@ -44,19 +59,58 @@ def log_plane(
     plog.log_image(trainer, key(f"plane_{kind}"), plane_image(plane))
     if not figures:
         return
-    fig = plog.new_figure(4.5, 3.8)
+    plog.log_figure(
+        trainer, key(f"plane_{kind}_contour"), plane_figure(plane, kind, trainer.global_step)
+    )
+
+
+def plane_figure(plane: LossPlane, kind: str, step: int) -> Figure:
+    """Filled contours of the loss on a plane, on a log colour scale where it spans decades.
+
+    Args:
+        plane: The loss on the grid (non-finite losses are left blank).
+        kind: ``"radial"`` or ``"random"`` (see :func:`log_plane`).
+        step: The global step.
+
+    Returns:
+        The figure, with a labelled colour bar and the current weights (and origin) marked.
+    """
+    from matplotlib.colors import LogNorm
+    from matplotlib.ticker import (
+        LogFormatterSciNotation,
+        LogLocator,
+        NullLocator,
+        StrMethodFormatter,
+    )
+
+    fig = styled_figure(5.6, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     a, b, z = (plog.as_numpy(x) for x in (plane.alphas, plane.betas, plane.losses))
-    filled = ax.contourf(a, b, z, levels=20, cmap="viridis")
-    fig.colorbar(filled, ax=ax, label="probe-set loss")
+    z = np.ma.masked_invalid(z)
+    norm = color_norm(z.compressed())
+    if isinstance(norm, LogNorm):  # levels evenly spaced in log: each colour is a ratio
+        levels = np.geomspace(float(norm.vmin), float(norm.vmax), 21)  # type: ignore[arg-type]
+        filled = ax.contourf(a, b, z, levels=levels, norm=norm, cmap=SEQUENTIAL)
+        label = "probe-set loss (log scale)"
+    else:
+        filled = ax.contourf(a, b, z, levels=20, cmap=SEQUENTIAL)
+        label = "probe-set loss"
+    bar = labelled_colorbar(fig, filled, ax, label)
+    if isinstance(norm, LogNorm):  # ticks at powers of ten, not at the contour levels
+        few = np.log10(float(norm.vmax) / float(norm.vmin)) < 3  # type: ignore[arg-type]
+        bar.ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if few else (1.0,)))
+        bar.ax.yaxis.set_major_formatter(
+            StrMethodFormatter("{x:g}") if few else LogFormatterSciNotation()
+        )
+        bar.ax.yaxis.set_minor_locator(NullLocator())
     ax.plot([0.0], [0.0], "r*", markersize=10, label="current weights")
     if kind == "radial" and a[0] <= -1.0:
-        ax.plot([-1.0], [0.0], "wo", label="origin")
+        ax.plot([-1.0], [0.0], "wo", markeredgecolor="black", label="origin (θ = 0)")
     ax.set_xlabel("a  (along θ)" if kind == "radial" else "a  (random direction u)")
-    ax.set_ylabel("b  (random direction ⊥ θ)" if kind == "radial" else "b  (random v)")
-    ax.set_title(f"step {trainer.global_step}: {kind} plane")
-    ax.legend(fontsize="small", loc="upper right")
-    plog.log_figure(trainer, key(f"plane_{kind}_contour"), fig)
+    ax.set_ylabel("b  (random direction ⊥ θ)" if kind == "radial" else "b  (random direction v)")
+    ax.set_title(f"step {step}: {kind} plane", fontsize="medium")
+    ax.legend(fontsize=LABEL_SIZE, loc="lower center", bbox_to_anchor=(0.5, 1.08), ncols=2)
+    return fig
 
 
 def log_segments(
@@ -69,11 +123,19 @@ def log_segments(
         key: ``(quantity, layer=None) -> metric key``.
         curves: ``(step of the checkpoint, t [m], losses [m])`` per segment.
     """
-    fig = plog.new_figure(5.0, 3.5)
+    fig = styled_figure(6.0, 3.8)
     ax = fig.add_subplot(1, 1, 1)
-    for step, t, losses in curves:
-        ax.plot(plog.as_numpy(t), plog.as_numpy(losses), marker=".", label=f"from step {step}")
+    colors = layer_colors(len(curves))
+    values = []
+    for (step, t, losses), color in zip(curves, colors, strict=True):
+        values.append(plog.as_numpy(losses))
+        ax.plot(plog.as_numpy(t), values[-1], marker=".", color=color, label=f"from step {step}")
+    if values:
+        set_scale(ax, "y", np.concatenate(values))
     ax.set_xlabel("t  (0: earlier checkpoint, 1: now)")
     ax.set_ylabel("probe-set loss")
-    ax.legend(fontsize="small")
+    ax.set_title(
+        f"step {trainer.global_step}: straight segments to kept checkpoints", fontsize="medium"
+    )
+    legend_outside(ax)
     plog.log_figure(trainer, key("segments"), fig)

@@ -7,7 +7,7 @@ cumulative LC) or hurt, and the loss curve rebuilt from the allocations.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,6 +16,13 @@ from pytorch_lightning import Trainer
 from torch import Tensor
 
 from lightning_probes import logging as plog
+from lightning_probes.callbacks.plots.style import (
+    legend_outside,
+    name_ticks,
+    set_scale,
+    size_for_labels,
+    styled_figure,
+)
 from lightning_probes.functional.lca import (
     fraction_helped,
     layer_sums,
@@ -62,7 +69,7 @@ def log_artefacts(
         ``per_neuron``, ``<layer>/neuron_fraction_helped``.
     """
     metrics: dict[str, float] = {}
-    if trainer.is_global_zero and plog.tensorboard_writers(trainer):
+    if trainer.is_global_zero and plog.artefact_sinks(trainer, "histogram"):
         # one layer's values at a time: the only temporaries are that layer's
         by_layer: dict[str, list[Tensor]] = {}
         for name, value in lc.items():
@@ -85,32 +92,50 @@ def log_artefacts(
             metrics[key("weibull_scale")] = scale
     if figures:
         per_layer = layer_sums(cumulative, layer_of)
-        plog.log_figure(trainer, key("cumulative_by_layer"), cumulative_by_layer_figure(per_layer))
+        steps = plog.as_numpy(history[:, 0]).astype(int).tolist() if history.numel() else []
+        figure = cumulative_by_layer_figure(per_layer, steps=steps)
+        plog.log_figure(trainer, key("cumulative_by_layer"), figure)
         plog.log_figure(trainer, key("loss_curve"), loss_curve_figure(history))
     return metrics
 
 
-def cumulative_by_layer_figure(cumulative: Mapping[str, float]) -> Figure:
+def cumulative_by_layer_figure(
+    cumulative: Mapping[str, float], *, steps: Sequence[int] | None = None
+) -> Figure:
     """Horizontal bars of the cumulative LC of every layer (negative: the layer helped).
 
     Args:
         cumulative: ``{layer: Σ over instrumented steps and parameters of LC}``.
+        steps: The allocated (instrumented) steps the sum covers, for the title; ``None``:
+            not stated.
 
     Returns:
         A figure with one bar per layer, in model order.
     """
     names = list(cumulative)
     values = np.array([cumulative[n] for n in names], dtype=np.float64)
-    fig = plog.new_figure(6.0, 0.35 * len(names) + 1.6)
+    fig = styled_figure(6.5, size_for_labels(2.5, len(names), 0.25))
     ax = fig.add_subplot()
     ax.barh(np.arange(len(names)), values, color=[HELPED if v < 0 else HURT for v in values])
-    ax.set_yticks(np.arange(len(names)), names)
+    name_ticks(ax, "y", names)
     ax.invert_yaxis()
     ax.axvline(0.0, color="black", lw=0.8)
     ax.set_xlabel("cumulative loss contribution (negative = helped)")
-    ax.set_title("LCA per layer")
-    fig.tight_layout()
+    ax.set_ylabel("layer")
+    # over the whole figure: long layer names leave the axes too narrow for it
+    fig.suptitle(f"LCA per layer: {_covered(steps)}", fontsize="medium")
     return fig
+
+
+def _covered(steps: Sequence[int] | None) -> str:
+    """What a cumulative sum covers, in words."""
+    if steps is None:
+        return "sum over the instrumented steps"
+    if not steps:
+        return "no step allocated yet"
+    first, last = min(steps), max(steps)
+    n = len(steps)
+    return f"sum over {n} instrumented step{'s' if n > 1 else ''}, steps {first}–{last}"
 
 
 def loss_curve_figure(history: torch.Tensor) -> Figure:
@@ -126,18 +151,22 @@ def loss_curve_figure(history: torch.Tensor) -> Figure:
         A figure with the measured loss (dots) and the rebuilt loss (lines) per segment.
     """
     h = plog.as_numpy(history)
-    fig = plog.new_figure(6.0, 4.0)
+    fig = styled_figure(6.0, 4.0)
     ax = fig.add_subplot()
+    shown = []
     for i, seg in enumerate(_segments(h[:, 0])):
         steps = np.concatenate([[h[seg[0], 0] - 1], h[seg, 0]])
         rebuilt = plog.as_numpy(rebuild_loss_curve(float(h[seg[0], 1]), _tensor(h[seg, 3])))
         measured = np.concatenate([[h[seg[0], 1]], h[seg, 2]])
+        shown += [measured, rebuilt]  # the axis must show both (rebuilt may be < 0)
         ax.plot(steps, measured, "o", ms=3, color="black", label="measured" if i == 0 else None)
         ax.plot(steps, rebuilt, "-", color=HURT, label="rebuilt from LC" if i == 0 else None)
+    if shown:
+        set_scale(ax, "y", np.concatenate(shown))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss on the LCA set")
-    ax.legend()
-    fig.tight_layout()
+    ax.set_title("measured loss vs loss rebuilt from LC", fontsize="medium")
+    legend_outside(ax)
     return fig
 
 
