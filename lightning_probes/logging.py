@@ -19,6 +19,7 @@ from pytorch_lightning import LightningModule, Trainer
 from torch import Tensor
 
 from lightning_probes.core.cost import record_figure_seconds
+from lightning_probes.core.device import to_floats
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -73,12 +74,12 @@ def log_scalars(
 
     Non-finite values are logged as they are (a NaN is information, not an error).
     """
-    clean = {k: float(v) for k, v in metrics.items()}
+    clean = dict(zip(metrics, to_floats(list(metrics.values()))))  # one host synchronisation
     if not clean:
         return
     monitored = {getattr(cb, "monitor", None) for cb in trainer.callbacks}  # type: ignore[attr-defined]
     for key, value in clean.items():
-        tensor = torch.tensor(value, dtype=torch.float32)
+        tensor = torch.tensor(value, dtype=torch.float32, device="cpu")
         if on_step is not None and key in monitored:
             try:
                 pl_module.log(key, tensor, on_step=on_step, on_epoch=not on_step, logger=False)
@@ -173,7 +174,7 @@ def image_grid(images: Tensor, ncol: int | None = None, pad: int = 1) -> Tensor:
     k, c, h, w = images.shape
     ncol = ncol or math.ceil(math.sqrt(k))
     nrow = math.ceil(k / ncol)
-    grid = torch.ones(c, nrow * (h + pad) + pad, ncol * (w + pad) + pad)
+    grid = torch.ones(c, nrow * (h + pad) + pad, ncol * (w + pad) + pad, device="cpu")
     for idx in range(k):
         r, col = divmod(idx, ncol)
         y, x = pad + r * (h + pad), pad + col * (w + pad)

@@ -8,7 +8,6 @@ results go (:mod:`lightning_probes.logging`). A subclass implements :meth:`Probe
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Literal
@@ -19,7 +18,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_probes import logging as plog
-from lightning_probes.callbacks.budget import RunBudget, predict_first_run
+from lightning_probes.callbacks.budget import RunBudget, clock, predict_first_run
 from lightning_probes.callbacks.checks import (
     NonFiniteValueError,
     all_finite,
@@ -160,11 +159,11 @@ class ProbeCallback(ProbeState):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._seen_step = trainer.global_step
-        started = self._budget.start()
+        started = self._budget.start(pl_module.device)
         try:
             self._prepare(trainer, pl_module)
         finally:
-            self._budget.charge_since(started)
+            self._budget.charge_since(started, pl_module.device)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -366,7 +365,7 @@ class ProbeCallback(ProbeState):
         assert self._probe_set is not None
         self._last_step = trainer.global_step
         self._on_step = on_step
-        started = time.perf_counter()
+        started = clock(pl_module.device)  # after training's queued GPU work, not charged here
         try:
             if not all_finite(pl_module.parameters()):
                 raise NonFiniteValueError("the model's parameters are not finite")
@@ -385,4 +384,4 @@ class ProbeCallback(ProbeState):
                 self._warn_once(tag, message)
         finally:
             self._on_step = None
-            self._budget.record_run(started)
+            self._budget.record_run(started, pl_module.device)

@@ -6,7 +6,9 @@ else since training started. A run is predicted by the measured cost of the prev
 first by the probe's :meth:`~lightning_probes.callbacks.base.ProbeCallback.predict_cost`, in
 :class:`~lightning_probes.core.cost.CostUnits` measured once on this model and probe set
 (:func:`predict_first_run`). A probe that states no cost runs its first time unpredicted. Skipped
-runs are counted (:attr:`RunBudget.over_budget_skips`).
+runs are counted (:attr:`RunBudget.over_budget_skips`). On a GPU the clocks are read after the
+device's queue is drained (``device=``), so training work still queued when a probe starts is
+not charged to it, and the probe's own queued work is.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_probes.core.cost import calibrate
 from lightning_probes.core.data import ProbeSet
+from lightning_probes.core.device import synchronize
 from lightning_probes.core.isolation import isolated
 
 
@@ -48,19 +52,23 @@ class RunBudget:
         self._first_run_prediction: float | None = None
         self._last_prediction = 0.0
 
-    def start(self) -> float:
-        """Start the clocks of a fit; returns the start time (``time.perf_counter``)."""
-        self._train_start = time.perf_counter()
+    def start(self, device: torch.device | None = None) -> float:
+        """Start the clocks of a fit; returns the start time (``time.perf_counter``).
+
+        Args:
+            device: The model's device: a CUDA device's queued work is waited for first.
+        """
+        self._train_start = clock(device)
         self.probe_seconds = 0.0
         return self._train_start
 
-    def charge_since(self, started: float) -> None:
+    def charge_since(self, started: float, device: torch.device | None = None) -> None:
         """Add the wall time since ``started`` (``time.perf_counter``) to the probe's time."""
-        self.probe_seconds += time.perf_counter() - started
+        self.probe_seconds += clock(device) - started
 
-    def record_run(self, started: float) -> None:
+    def record_run(self, started: float, device: torch.device | None = None) -> None:
         """Charge a run that started at ``started``; it predicts the next run's cost."""
-        self._last_run_seconds = time.perf_counter() - started
+        self._last_run_seconds = clock(device) - started
         self.probe_seconds += self._last_run_seconds
         self._measured = True
 
@@ -118,6 +126,17 @@ class RunBudget:
         elapsed = time.perf_counter() - self._train_start  # after the prediction's own cost
         spent = self.probe_seconds + predicted
         return spent <= self.max_overhead * max(elapsed - self.probe_seconds, 0.0)
+
+
+def clock(device: torch.device | None = None) -> float:
+    """``time.perf_counter()`` after the work queued on ``device`` (if CUDA) has finished.
+
+    Example:
+        >>> clock() > 0
+        True
+    """
+    synchronize(device)
+    return time.perf_counter()
 
 
 def predict_first_run(probe: Any, model: nn.Module, data: ProbeSet) -> float | None:

@@ -56,7 +56,7 @@ def log_index_histogram(trainer: Trainer, key: str, weights: Tensor) -> None:
     if not trainer.is_global_zero:
         return
     w = weights.detach().double().cpu()
-    index = torch.arange(w.numel(), dtype=torch.float64)
+    index = torch.arange(w.numel(), dtype=torch.float64, device="cpu")
     for writer in plog.tensorboard_writers(trainer):
         writer.add_histogram_raw(
             key,
