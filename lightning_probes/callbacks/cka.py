@@ -213,8 +213,8 @@ class LayerCKACallback(ProbeCallback):
             metrics[self.key("peak_layer_index")] = float(index)
             metrics[self.key("peak_alignment")] = best
             plog.log_text(trainer, self.key("peak_layer"), f"{list(layers)[index]}: A = {best:.4f}")
-        finite = finite_flags(metrics)  # one host synchronisation
-        self.log_scalars(trainer, pl_module, {k: v for k, v in metrics.items() if finite[k]})
+        ok = finite_flags(metrics)  # one host synchronisation
+        self.log_scalars(trainer, pl_module, {k: v for k, v in metrics.items() if ok[k]})
         if self.log_figures and self.figures_enabled():
             steps, hist = self.history
             log_alignment_figures(trainer, self.key, steps, hist, self._layer_names)

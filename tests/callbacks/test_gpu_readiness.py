@@ -63,12 +63,17 @@ CASES: dict[str, tuple[Callable[[], pl.LightningModule], Callable[[], DataLoader
     "lca_adaptive": (TinyClassifier, make_loader, "lca", {"method": "adaptive"}),
     "ablation_noise": (TinyClassifier, make_loader, "ablation", {"noise": True}),
     "selectivity_mi": (
-        TinyClassifier, make_loader, "selectivity",
+        TinyClassifier,
+        make_loader,
+        "selectivity",
         {"mutual_information": True, "importance": True},
-    ),  # fmt: skip
+    ),
     "landscape": (
-        TinyClassifier, make_loader, "landscape", {"hessian_top_k": 2, "keep_checkpoints": 1}
-    ),  # fmt: skip
+        TinyClassifier,
+        make_loader,
+        "landscape",
+        {"hessian_top_k": 2, "keep_checkpoints": 1},
+    ),
     "nad_conv": (LeNet, _image_loader, "nad", {}),
 }
 

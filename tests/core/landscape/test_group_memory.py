@@ -37,7 +37,9 @@ def test_plane_groups_hold_a_bounded_number_of_points(monkeypatch):
     plane = loss_plane(net, data, center, u, v, resolution=5, structured=False, points_per_call=4)
     assert sum(built) == 25 and max(built) == 4  # not all 25 points' parameters at once
     built.clear()
-    tiny = loss_plane(net, data, center, u, v, resolution=5, structured=False, memory_budget_mb=1e-4)
+    tiny = loss_plane(
+        net, data, center, u, v, resolution=5, structured=False, memory_budget_mb=1e-4
+    )
     assert built == [1] * 25  # the budget admits one point per group
     # against the loss evaluated point by point (float64)
     for i, b in enumerate(plane.betas.tolist()):
