@@ -123,7 +123,9 @@ class AblationAUCCallback(ProbeCallback):
         self.value = value
         self.follow_activation = follow_activation
         self.noise = noise
-        self.noise_scales = None if noise_scales is None else torch.tensor(noise_scales)
+        self.noise_scales = (
+            None if noise_scales is None else torch.tensor(noise_scales, device="cpu")
+        )
         self.early_stopping = early_stopping
         self.patience = patience
         self.min_delta = float(min_delta)
@@ -228,7 +230,7 @@ class AblationAUCCallback(ProbeCallback):
             data.targets,
             layers=self.layers,
             num_orderings=self.num_orderings,
-            fractions=torch.linspace(0, 1, self.num_points),
+            fractions=torch.linspace(0, 1, self.num_points, device="cpu"),
             value=self.value,
             generator=torch.Generator().manual_seed(self.seed),
             follow_activation=self.follow_activation,

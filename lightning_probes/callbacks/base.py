@@ -8,7 +8,6 @@ results go (:mod:`lightning_probes.logging`). A subclass implements :meth:`Probe
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Literal
@@ -23,6 +22,7 @@ from lightning_probes.callbacks import memory
 from lightning_probes.callbacks.budget import (
     FIRST_RUN_ALLOWANCE,
     RunBudget,
+    clock,
     monitored_without_budget,
     predict_first_run,
 )
@@ -174,12 +174,12 @@ class ProbeCallback(ProbeState):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._seen_step = trainer.global_step
-        started = self._budget.start()
+        started = self._budget.start(pl_module.device)
         try:  # an OOM turns the probe off (warned); configuration errors stop fit. FSDP2: replica
             prepare = lambda: self._prepare(trainer, probe_model(pl_module, self))  # noqa: E731
             failed = memory.prepare_or_out_of_memory(prepare, self, pl_module.device)
         finally:
-            self._budget.charge_since(started)
+            self._budget.charge_since(started, pl_module.device)
         if trainer.strategy.reduce_boolean_decision(failed is not None, all=False):
             self._probe_set = None  # off on every rank alike, so collectives stay matched
             self._warn_once("oom-start", failed or memory.off_on_another_rank(self), trainer)
@@ -377,7 +377,7 @@ class ProbeCallback(ProbeState):
         assert self._probe_set is not None
         self._last_step = trainer.global_step
         self._on_step = on_step
-        started = time.perf_counter()
+        started = clock(pl_module.device)  # after training's queued GPU work, not charged here
         try:
             model = probe_model(pl_module, self)  # FSDP2: weights gathered
             if not all_finite(model.parameters()):
@@ -396,4 +396,4 @@ class ProbeCallback(ProbeState):
             self._warn_once(tag, message, trainer)  # from the failing rank itself
         finally:
             self._on_step = None
-            self._budget.record_run(started)
+            self._budget.record_run(started, pl_module.device)

@@ -12,7 +12,9 @@ So that every probe shows values early, the first run is admitted beyond the bud
 predicted to take at most ``first_run_allowance`` seconds (:data:`FIRST_RUN_ALLOWANCE`, 10 s):
 the budget then holds later runs back until the first one's cost is paid for. The one-time
 measurement of the machine's rates (:func:`~lightning_probes.core.cost.calibrate`) is shared by
-every probe of the process and charged to none.
+every probe of the process and charged to none. On a GPU the clocks are read after the
+device's queue is drained (``device=``), so training work still queued when a probe starts is
+not charged to it, and the probe's own queued work is.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_probes.core.cost import calibrate, format_seconds, machine_calibration_seconds
 from lightning_probes.core.data import ProbeSet
+from lightning_probes.core.device import synchronize
 from lightning_probes.core.isolation import isolated
 
 #: Seconds a first run may take beyond the budget (so each probe shows values early).
@@ -62,19 +66,23 @@ class RunBudget:
         self._first_run_prediction: float | None = None
         self._last_prediction = 0.0
 
-    def start(self) -> float:
-        """Start the clocks of a fit; returns the start time (``time.perf_counter``)."""
-        self._train_start = time.perf_counter()
+    def start(self, device: torch.device | None = None) -> float:
+        """Start the clocks of a fit; returns the start time (``time.perf_counter``).
+
+        Args:
+            device: The model's device: a CUDA device's queued work is waited for first.
+        """
+        self._train_start = clock(device)
         self.probe_seconds = 0.0
         return self._train_start
 
-    def charge_since(self, started: float) -> None:
+    def charge_since(self, started: float, device: torch.device | None = None) -> None:
         """Add the wall time since ``started`` (``time.perf_counter``) to the probe's time."""
-        self.probe_seconds += time.perf_counter() - started
+        self.probe_seconds += clock(device) - started
 
-    def record_run(self, started: float) -> None:
+    def record_run(self, started: float, device: torch.device | None = None) -> None:
         """Charge a run that started at ``started``; it predicts the next run's cost."""
-        self._last_run_seconds = time.perf_counter() - started
+        self._last_run_seconds = clock(device) - started
         self.probe_seconds += self._last_run_seconds
         self._measured = True
 
@@ -152,6 +160,17 @@ class RunBudget:
         elapsed = time.perf_counter() - self._train_start  # after the prediction's own cost
         spent = self.probe_seconds + predicted
         return spent <= self.max_overhead * max(elapsed - self.probe_seconds, 0.0)
+
+
+def clock(device: torch.device | None = None) -> float:
+    """``time.perf_counter()`` after the work queued on ``device`` (if CUDA) has finished.
+
+    Example:
+        >>> clock() > 0
+        True
+    """
+    synchronize(device)
+    return time.perf_counter()
 
 
 def predict_first_run(probe: Any, model: nn.Module, data: ProbeSet) -> float | None:

@@ -7,6 +7,7 @@ of a probe's run (:func:`all_finite`, :class:`NonFiniteValueError`).
 
 from __future__ import annotations
 
+import math
 import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -188,9 +189,25 @@ def nonfinite_samples(data: ProbeSet) -> list[int]:
     return [] if flags is None else flags.nonzero().flatten().tolist()
 
 
+def finite_flags(metrics: Mapping[str, float | Tensor]) -> dict[str, bool]:
+    """Whether each value is finite (every element), with one host synchronisation at most.
+
+    Example:
+        >>> finite_flags({"a": 1.0, "b": torch.tensor([1.0, float("nan")])})
+        {'a': True, 'b': False}
+    """
+    tensors = {k: v for k, v in metrics.items() if isinstance(v, Tensor)}
+    finite = {k: math.isfinite(v) for k, v in metrics.items() if not isinstance(v, Tensor)}
+    if tensors:  # one synchronisation for all tensor values (they may be on a GPU)
+        flags = [torch.isfinite(v.detach()).all() for v in tensors.values()]
+        device = flags[0].device
+        finite.update(zip(tensors, torch.stack([f.to(device) for f in flags]).tolist()))
+    return {k: bool(finite[k]) for k in metrics}
+
+
 def check_finite_metrics(metrics: Mapping[str, float | Tensor]) -> None:
     """Raise :class:`NonFiniteValueError` naming every metric that is NaN or infinite."""
-    bad = [k for k, v in metrics.items() if not torch.isfinite(torch.as_tensor(v)).all()]
+    bad = [k for k, ok in finite_flags(metrics).items() if not ok]
     if bad:
         raise NonFiniteValueError(f"non-finite values for {', '.join(bad)}")
 

@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.base import ProbeCallback
+from lightning_probes.callbacks.checks import finite_flags
 from lightning_probes.callbacks.plots.cka import log_alignment_figures, log_kernel
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
@@ -214,7 +215,8 @@ class LayerCKACallback(ProbeCallback):
             metrics[self.key("peak_layer_index")] = float(index)
             metrics[self.key("peak_alignment")] = best
             plog.log_text(trainer, self.key("peak_layer"), f"{list(layers)[index]}: A = {best:.4f}")
-        self.log_scalars(trainer, pl_module, {k: v for k, v in metrics.items() if _finite(v)})
+        ok = finite_flags(metrics)  # one host synchronisation
+        self.log_scalars(trainer, pl_module, {k: v for k, v in metrics.items() if ok[k]})
         if self.log_figures and self.figures_enabled():
             steps, hist = self.history
             log_alignment_figures(trainer, self.key, steps, hist, self._layer_names)
@@ -269,7 +271,3 @@ class LayerCKACallback(ProbeCallback):
         self._layer_names = list(state["layer_names"])
         self._steps = [int(s) for s in state["steps"].tolist()]
         self._alignments = [list(map(float, row)) for row in state["alignments"].tolist()]
-
-
-def _finite(value: float | Tensor) -> bool:
-    return bool(torch.isfinite(torch.as_tensor(value)).all())

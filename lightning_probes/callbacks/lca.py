@@ -35,7 +35,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
-import torch
 from pytorch_lightning import LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
@@ -54,6 +53,7 @@ from lightning_probes.callbacks.schedule import is_last_step
 from lightning_probes.callbacks.shared import WeightSnapshot, shared_work
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import ProbeSet
+from lightning_probes.core.device import tensors_equal
 from lightning_probes.core.evaluation import LossFn, OutputFn, probe_loss
 from lightning_probes.core.lca.allocation import (
     METHODS,
@@ -69,7 +69,7 @@ from lightning_probes.core.lca.tracker import (
     loss_buffers,
     use_batch_statistics,
 )
-from lightning_probes.functional.lca import fraction_helped, layer_sums
+from lightning_probes.functional.lca import layer_fraction_helped, layer_sums
 
 BatchNormMode = Literal["batch", "running"]
 
@@ -254,7 +254,7 @@ class LossContributionCallback(ProbeCallback):
             return
         if kept is None or (self._before is not kept and not kept.equals(self._before.tensors)):
             self._cache = None  # the parameters moved outside the optimizer: recompute
-        elif self._cache is not None and not _all_equal(self._cache_buffers, buffers):
+        elif self._cache is not None and not tensors_equal(self._cache_buffers, buffers):
             self._cache = None  # e.g. BatchNorm running statistics: the loss itself changed
         del kept
         self._pending = True
@@ -353,12 +353,12 @@ class LossContributionCallback(ProbeCallback):
         }
         if result.true_delta != 0.0:
             metrics[self.key("relative_error")] = result.relative_error
+        helped = layer_fraction_helped(lc, self._layer_of)  # layers with allocated parameters
         for layer in layers:
             metrics[self.key("lc", layer)] = step_sums.get(layer, 0.0)
             metrics[self.key("cumulative_lc", layer)] = cum_sums.get(layer, 0.0)
-            own = [v for k, v in lc.items() if self._layer_of.get(k) == layer]
-            if own:  # frozen layers: zero LC, and no fraction of zero parameters
-                metrics[self.key("fraction_helped", layer)] = fraction_helped(own)
+            if layer in helped:  # frozen layers: zero LC, and no fraction of zero parameters
+                metrics[self.key("fraction_helped", layer)] = helped[layer]
         self.log_scalars(trainer, pl_module, metrics)
 
     def _log_artefacts(
@@ -394,7 +394,3 @@ class LossContributionCallback(ProbeCallback):
 
     def _release(self) -> None:
         self._before, self._cache, self._pending, self._cache_buffers = None, None, False, {}
-
-
-def _all_equal(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

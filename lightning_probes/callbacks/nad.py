@@ -88,6 +88,8 @@ class NADCallback(ProbeCallback):
         num_images: NADs shown in the image grids.
         output_fn: Maps the model output to logits ``(n, o)`` for the gradient energy.
         memory_budget: Bytes of activations per call while computing the NADs.
+        max_memory_bytes: Cap on the bytes the random networks of one chunk hold while
+            computing the NADs (default: a quarter of the free GPU memory; no cap on the CPU).
         **kwargs: Schedule, probe data and the rest of
             :class:`~lightning_probes.callbacks.base.ProbeCallback` (``seed`` also seeds the
             NADs).
@@ -120,6 +122,7 @@ class NADCallback(ProbeCallback):
         num_images: int = 16,
         output_fn: Callable[[Any], Tensor] | None = None,
         memory_budget: int | None = None,
+        max_memory_bytes: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -153,6 +156,7 @@ class NADCallback(ProbeCallback):
         self.num_images = num_images
         self.output_fn = output_fn
         self.memory_budget = memory_budget
+        self.max_memory_bytes = max_memory_bytes
         self._nads: NADResult | None = None
         self._basis: Tensor | None = None
 
@@ -224,6 +228,7 @@ class NADCallback(ProbeCallback):
             k=None if self.k is None else min(self.k, self.num_networks - 1, math.prod(shape)),
             generator=torch.Generator().manual_seed(self.seed),
             memory_budget=self.memory_budget,
+            max_memory_bytes=self.max_memory_bytes,
             device=pl_module.device,
         )
         self._nads = _to_cpu(nads)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_probes.core.data import ProbeSet, draw_probe_set
+from lightning_probes.core.device import tensors_equal
 from lightning_probes.core.sharding import full_parameters
 
 
@@ -54,10 +55,8 @@ class WeightSnapshot:
         return cls(MappingProxyType({k: p.detach().clone() for k, p in params.items()}), step)
 
     def equals(self, params: Mapping[str, Tensor]) -> bool:
-        """Whether it holds exactly ``params`` (same names, bit-identical values)."""
-        return self.tensors.keys() == params.keys() and all(
-            torch.equal(self.tensors[k], p) for k, p in params.items()
-        )
+        """Whether it holds exactly ``params`` (same names and values; one host synchronisation)."""
+        return tensors_equal(self.tensors, params)
 
 
 class SharedWork:

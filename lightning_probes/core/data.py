@@ -167,10 +167,10 @@ def draw_probe_set(
         return _cat_probe_sets([ProbeSet(*b) for b in batches], size)
     n = len(dataset)  # type: ignore[arg-type]
     if size is None or size >= n:
-        indices = torch.arange(n)
-    else:
+        indices = torch.arange(n, device="cpu")
+    else:  # on the CPU whatever the default device: the same samples on every machine
         generator = torch.Generator().manual_seed(seed)
-        indices = torch.randperm(n, generator=generator)[:size].sort().values
+        indices = torch.randperm(n, generator=generator, device="cpu")[:size].sort().values
     chunks = []
     for start in range(0, len(indices), 1024):
         batch = collate([dataset[int(i)] for i in indices[start : start + 1024]])

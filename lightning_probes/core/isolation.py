@@ -4,7 +4,8 @@ A probe may run forward and backward passes, switch modes, draw random numbers a
 hooks. :func:`isolated` guarantees that afterwards the model and the process are exactly as
 before: train/eval mode of every submodule, ``requires_grad`` flags, ``.grad`` tensors (the
 same objects, untouched), buffers (BatchNorm running statistics), hooks, and the CPU, CUDA,
-NumPy and Python RNG states.
+NumPy and Python RNG states. Inside it, TF32 is off and the GPU kernels are ones that
+support probes (:mod:`~lightning_probes.core.backends`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from lightning_probes.core.backends import probe_backends
 
 _HOOK_DICTS = (
     "_forward_hooks",
@@ -42,8 +45,11 @@ def isolated(model: nn.Module, *, grad: bool = True, eval_mode: bool = True) -> 
     Yields:
         Nothing. Inside the scope ``.grad`` of every parameter is ``None`` (a probe calling
         ``backward`` does not accumulate into the training gradients), autocast is off, so
-        probes compute in the parameters' dtype, and every ``torch.compile``-d submodule runs
-        its original eager module (so the probe's hooks fire and no recompilation is triggered).
+        probes compute in the parameters' dtype, TF32 is off and cuDNN (models with an RNN)
+        and the attention kernels are chosen as
+        :func:`~lightning_probes.core.backends.probe_backends` says, and every
+        ``torch.compile``-d submodule runs its original eager module (so the probe's hooks fire
+        and no recompilation is triggered).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
@@ -79,6 +85,8 @@ def isolated(model: nn.Module, *, grad: bool = True, eval_mode: bool = True) -> 
             for device_type in ("cpu", "cuda"):
                 if device_type == "cpu" or torch.cuda.is_available():
                     stack.enter_context(torch.autocast(device_type, enabled=False))
+            rnn = any(isinstance(m, nn.RNNBase) for m in model.modules())
+            stack.enter_context(probe_backends(rnn=rnn))
             yield
     finally:
         for m, forward in compiled:

@@ -71,14 +71,19 @@ def sum64(values: Tensor) -> float:
         >>> sum64(torch.tensor([0.1, 0.2], dtype=torch.float32))
         0.30000000447034836
     """
+    return float(sum64_tensor(values))
+
+
+def sum64_tensor(values: Tensor) -> Tensor:
+    """:func:`sum64` as a 0-d float64 tensor on ``values``' device (no host synchronisation)."""
     flat = values.reshape(-1)
     size = block_size(flat.numel())
     if flat.numel() <= size:
-        return float(flat.sum(dtype=torch.float64))
+        return flat.sum(dtype=torch.float64)
     total = torch.zeros((), dtype=torch.float64, device=flat.device)
     for block in flat.split(size):
         total += block.sum(dtype=torch.float64)
-    return float(total)
+    return total
 
 
 def count_negative(values: Tensor) -> int:
@@ -88,11 +93,16 @@ def count_negative(values: Tensor) -> int:
         >>> count_negative(torch.tensor([-1.0, 0.0, 2.0, -3.0]))
         2
     """
+    return int(count_negative_tensor(values))
+
+
+def count_negative_tensor(values: Tensor) -> Tensor:
+    """:func:`count_negative` as a 0-d int64 tensor on ``values``' device (no synchronisation)."""
     flat = values.reshape(-1)
     total = torch.zeros((), dtype=torch.int64, device=flat.device)
     for block in flat.split(block_size(flat.numel())):
         total += (block < 0).sum()
-    return int(total)
+    return total
 
 
 def fraction_helped(lc: Tensor | Iterable[Tensor]) -> float:
@@ -116,8 +126,9 @@ def fraction_helped(lc: Tensor | Iterable[Tensor]) -> float:
     count = sum(t.numel() for t in tensors)
     if count == 0:
         return float("nan")
-    helped = sum(count_negative(t) for t in tensors)
-    return helped / count
+    counts = [count_negative_tensor(t) for t in tensors]  # one host synchronisation for all
+    device = counts[0].device
+    return int(torch.stack([c.to(device) for c in counts]).sum()) / count
 
 
 def per_neuron_lc(weight_lc: Tensor, bias_lc: Tensor | None = None) -> Tensor:
@@ -199,12 +210,47 @@ def layer_sums(lc: Mapping[str, Tensor], layer_of: Mapping[str, str]) -> dict[st
     Returns:
         ``{layer name: Σ LC}`` (float64 sums), in order of first appearance.
     """
+    named = [(layer_of[name], value) for name, value in lc.items() if name in layer_of]
+    if not named:
+        return {}
+    sums = [sum64_tensor(value) for _, value in named]
+    device = sums[0].device  # one host synchronisation for every parameter's sum
     out: dict[str, float] = {}
-    for name, value in lc.items():
-        layer = layer_of.get(name)
-        if layer is not None:
-            out[layer] = out.get(layer, 0.0) + sum64(value)
+    for (layer, _), total in zip(named, torch.stack([s.to(device) for s in sums]).tolist()):
+        out[layer] = out.get(layer, 0.0) + total
     return out
+
+
+def layer_fraction_helped(
+    lc: Mapping[str, Tensor], layer_of: Mapping[str, str]
+) -> dict[str, float]:
+    """:func:`fraction_helped` of each layer's parameters, with one host synchronisation.
+
+    Args:
+        lc: ``{parameter name: LC tensor}``.
+        layer_of: ``{parameter name: layer name}``; parameters missing from it are skipped.
+
+    Returns:
+        ``{layer name: fraction helped}`` in order of first appearance (NaN for a layer whose
+        tensors are all empty).
+
+    Example:
+        >>> lc = {"a.w": torch.tensor([-1.0, 1.0]), "a.b": torch.tensor([-1.0])}
+        >>> lc["b.w"] = torch.ones(2)
+        >>> layer_fraction_helped(lc, {"a.w": "a", "a.b": "a", "b.w": "b"})
+        {'a': 0.6666666666666666, 'b': 0.0}
+    """
+    named = [(layer_of[name], value) for name, value in lc.items() if name in layer_of]
+    if not named:
+        return {}
+    counts = [count_negative_tensor(value) for _, value in named]
+    device = counts[0].device
+    helped: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    for (layer, value), n in zip(named, torch.stack([c.to(device) for c in counts]).tolist()):
+        helped[layer] = helped.get(layer, 0) + n
+        sizes[layer] = sizes.get(layer, 0) + value.numel()
+    return {k: helped[k] / sizes[k] if sizes[k] else float("nan") for k in helped}
 
 
 def weibull_fit(

@@ -231,5 +231,7 @@ def top_abs_eigenvalue(
         A 0-d tensor in ``dtype``.
     """
     generator = torch.Generator(device="cpu").manual_seed(0)
-    v = torch.randn(size, min(block, size), generator=generator, dtype=dtype).to(device)
+    v = torch.randn(size, min(block, size), generator=generator, dtype=dtype, device="cpu").to(
+        device
+    )
     return block_lanczos(matmul, v, max_iter=max_iter, tol=tol).abs().max()

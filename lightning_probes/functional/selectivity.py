@@ -133,7 +133,8 @@ def binned_mutual_information(
     bins = torch.where(hi > lo, bins, torch.zeros_like(bins))
     y = targets.to(a.device)
     joint = torch.zeros(u, num_bins * num_classes, dtype=torch.float64, device=a.device)
-    joint.scatter_add_(1, (bins * num_classes + y[:, None]).T, torch.ones(u, n, dtype=a.dtype))
+    ones = torch.ones(u, n, dtype=a.dtype, device=a.device)
+    joint.scatter_add_(1, (bins * num_classes + y[:, None]).T, ones)
     p = joint.view(u, num_bins, num_classes) / n
     pb, pc = p.sum(2, keepdim=True), p.sum(1, keepdim=True)
     ratio = torch.where(p > 0, p / (pb * pc).clamp_min(1e-300), torch.ones_like(p))
@@ -164,7 +165,7 @@ def spearman_correlation(x: Tensor, y: Tensor) -> Tensor:
     """
     rx, ry = _average_ranks(x), _average_ranks(y)
     if x.numel() < 2 or bool((rx == rx[0]).all()) or bool((ry == ry[0]).all()):
-        return torch.tensor(float("nan"), dtype=torch.float64)
+        return torch.tensor(float("nan"), dtype=torch.float64, device=x.device)
     return pearson_corrcoef(rx, ry)
 
 
@@ -173,7 +174,7 @@ def _average_ranks(x: Tensor) -> Tensor:
     ranks = torch.empty_like(v)
     ranks[v.argsort()] = torch.arange(v.numel(), dtype=torch.float64, device=v.device)
     _, inverse = torch.unique(v, return_inverse=True)
-    sums = torch.zeros(int(inverse.max()) + 1 if v.numel() else 0, dtype=torch.float64)
-    sums = sums.to(v.device).index_add_(0, inverse, ranks)
+    size = int(inverse.max()) + 1 if v.numel() else 0
+    sums = torch.zeros(size, dtype=torch.float64, device=v.device).index_add_(0, inverse, ranks)
     counts = torch.bincount(inverse).to(torch.float64)
     return (sums / counts)[inverse]

@@ -19,6 +19,7 @@ from pytorch_lightning import LightningModule, Trainer
 from torch import Tensor
 
 from lightning_probes.core.cost import record_figure_seconds
+from lightning_probes.core.device import to_floats
 from lightning_probes.logging.figures import image_pixels, render_figure
 from lightning_probes.logging.sinks import ArtefactSink, artefact_sinks, deliver
 
@@ -64,12 +65,12 @@ def log_scalars(
 
     Non-finite values are logged as they are (a NaN is information, not an error).
     """
-    clean = {k: float(v) for k, v in metrics.items()}
+    clean = dict(zip(metrics, to_floats(list(metrics.values()))))  # one host synchronisation
     if not clean:
         return
     monitored = {getattr(cb, "monitor", None) for cb in trainer.callbacks}  # type: ignore[attr-defined]
     for key, value in clean.items():
-        tensor = torch.tensor(value, dtype=torch.float32)
+        tensor = torch.tensor(value, dtype=torch.float32, device="cpu")
         if on_step is not None and key in monitored:
             with contextlib.suppress(Exception):  # a hook where Lightning forbids self.log
                 pl_module.log(key, tensor, on_step=on_step, on_epoch=not on_step, logger=False)

@@ -92,7 +92,7 @@ def image_grid(images: Tensor, ncol: int | None = None, pad: int = 1) -> Tensor:
     k, c, h, w = images.shape
     ncol = ncol or math.ceil(math.sqrt(k))
     nrow = math.ceil(k / ncol)
-    grid = torch.ones(c, nrow * (h + pad) + pad, ncol * (w + pad) + pad)
+    grid = torch.ones(c, nrow * (h + pad) + pad, ncol * (w + pad) + pad, device="cpu")
     for idx in range(k):
         r, col = divmod(idx, ncol)
         y, x = pad + r * (h + pad), pad + col * (w + pad)

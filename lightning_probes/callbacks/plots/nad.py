@@ -122,7 +122,9 @@ def tile_grid(tiles: Tensor, ncol: int | None = None) -> Tensor:
     k, h, w = tiles.shape
     ncol = ncol or math.ceil(math.sqrt(k))
     nrow = math.ceil(k / ncol)
-    grid = torch.full((nrow * (h + 1) - 1, ncol * (w + 1) - 1), math.nan, dtype=tiles.dtype)
+    grid = torch.full(
+        (nrow * (h + 1) - 1, ncol * (w + 1) - 1), math.nan, dtype=tiles.dtype, device=tiles.device
+    )
     for idx in range(k):
         r, c = divmod(idx, ncol)
         grid[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = tiles[idx]
@@ -184,7 +186,7 @@ def log_index_histogram(trainer: Trainer, key: str, weights: Tensor) -> None:
     if not trainer.is_global_zero:
         return
     w = weights.detach().double().cpu()
-    index = torch.arange(w.numel(), dtype=torch.float64)
+    index = torch.arange(w.numel(), dtype=torch.float64, device="cpu")
     for writer in plog.tensorboard_writers(trainer):
         writer.add_histogram_raw(
             key,

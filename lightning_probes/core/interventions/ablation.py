@@ -180,7 +180,7 @@ def ablation_curve(
     trace = trace_model(model, inputs, layers, follow_activation, output_fn, targets)
     sizes = [p.num_units for p in trace.points]
     total = sum(sizes)
-    fractions = torch.linspace(0, 1, 21) if fractions is None else fractions
+    fractions = torch.linspace(0, 1, 21, device="cpu") if fractions is None else fractions
     counts = ablation_counts(fractions, total)
     if counts[0] != 0 or counts[-1] != total:
         raise ValueError(
@@ -188,7 +188,7 @@ def ablation_curve(
             f"{fractions.tolist()}."
         )
     orderings = torch.stack(
-        [torch.randperm(total, generator=generator) for _ in range(num_orderings)]
+        [torch.randperm(total, generator=generator, device="cpu") for _ in range(num_orderings)]
     )
     keep = cumulative_keep_masks(orderings, counts).flatten(0, 1)  # [r*k, U], ordering-major
     unique, inverse = _dedupe(keep)
@@ -216,7 +216,7 @@ def ablation_curve(
         mean=mean,
         std=std,
         auc=auc,
-        normalized_auc=auc / mean[0] if mean[0] > 0 else torch.tensor(float("nan")),
+        normalized_auc=auc / mean[0] if mean[0] > 0 else torch.tensor(float("nan"), device="cpu"),
         orderings=orderings,
         num_units={p.layer: p.num_units for p in trace.points},
         paths=dict(trace.paths),
@@ -262,7 +262,11 @@ def noise_curve(
 
     if not isinstance(num_repeats, int) or num_repeats < 1:
         raise ValueError(f"Expected `num_repeats` to be a positive int, got {num_repeats!r}.")
-    scales = torch.logspace(-2, 1, 7) if scales is None else scales.detach().flatten().cpu()
+    scales = (
+        torch.logspace(-2, 1, 7, device="cpu")
+        if scales is None
+        else scales.detach().flatten().cpu()
+    )
     if scales.numel() == 0 or bool((scales < 0).any()):
         raise ValueError(f"Expected `scales` to be non-negative values, got {scales.tolist()}.")
     _warn_if_training(model)
@@ -274,7 +278,7 @@ def noise_curve(
     def add_noise(j: int, h: Tensor, sl: slice) -> Tensor:
         p = trace.points[j]
         sigma = unit_view(stds[j], h.ndim - 2, p.unit_dim)
-        noise = torch.randn(h.shape, generator=generator, dtype=h.dtype).to(h.device)
+        noise = torch.randn(h.shape, generator=generator, dtype=h.dtype, device="cpu").to(h.device)
         scale = per_mask[sl].view(-1, *([1] * (h.ndim - 1)))
         return h + scale * sigma * noise
 
@@ -304,7 +308,7 @@ def _dedupe(keep: Tensor) -> tuple[Tensor, Tensor]:
             seen[key] = len(rows)
             rows.append(row)
         inverse.append(seen[key])
-    return torch.stack(rows), torch.tensor(inverse)
+    return torch.stack(rows), torch.tensor(inverse, device="cpu")
 
 
 def _warn_if_training(model: nn.Module) -> None:

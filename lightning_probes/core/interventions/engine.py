@@ -105,8 +105,9 @@ def evaluate_interventions(
     n = num_samples(inputs)
     expand = num_masks > 1 and not _shares_prefix(model, inputs, trace, output_fn)
     n_c, m_c = _chunk_sizes(n, num_masks, trace, trace.element_size, memory_budget, expand)
-    correct = torch.zeros(num_masks, dtype=torch.float64)
-    loss = torch.zeros(num_masks, dtype=torch.float64)
+    # on the CPU: `correct_and_loss` returns each chunk's sums there
+    correct = torch.zeros(num_masks, dtype=torch.float64, device="cpu")
+    loss = torch.zeros(num_masks, dtype=torch.float64, device="cpu")
     for s0 in range(0, n, n_c):
         x, y = take(inputs, s0, s0 + n_c), targets[s0 : s0 + n_c]
         rows = y.shape[0]

@@ -97,8 +97,8 @@ def point_statistics(
     the probe set). Accumulated in float64; returned in each point's output dtype.
     """
     k = len(trace.points)
-    sums: list[Tensor] = [torch.zeros(())] * k
-    moments: list[Tensor] = [torch.zeros(())] * k  # [2, u]: sum and sum of squares per unit
+    sums: list[Tensor] = [torch.zeros((), device="cpu")] * k  # moved to the outputs' device
+    moments: list[Tensor] = [torch.zeros((), device="cpu")] * k  # [2, u]: sums of x and x²
     index = {p.name: j for j, p in enumerate(trace.points)}
     dtypes: list[torch.dtype] = [torch.float32] * k
 

@@ -270,7 +270,7 @@ def unit_ablation_impact(
     trace = trace_model(model, inputs, layers, follow_activation, output_fn, targets)
     sizes = [p.num_units for p in trace.points]
     total = sum(sizes)
-    keep = torch.ones(total + 1, total, dtype=torch.bool)
+    keep = torch.ones(total + 1, total, dtype=torch.bool, device="cpu")  # moved by build_masks
     keep[1:].fill_diagonal_(False)  # row 0: intact; row 1 + j: unit j ablated
     masks = build_masks(model, inputs, trace, keep, value)
     _, loss = evaluate_interventions(

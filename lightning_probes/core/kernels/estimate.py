@@ -119,7 +119,7 @@ def _estimate_layer(
     y = centered_labels(targets, o, centering, dtype=logits.dtype).to(logits.device)
     g = pullback(y.view(n, o))[0]
     energy = torch.stack([v.double().square().sum() for v in g.values()]).sum()
-    signs = torch.randint(0, 2, (num_probes, n, o), generator=gen) * 2 - 1
+    signs = torch.randint(0, 2, (num_probes, n, o), generator=gen, device="cpu") * 2 - 1
     v = center(signs.to(logits), centering, dim=-2)
 
     def k_times(u: Tensor) -> Tensor:

@@ -289,7 +289,7 @@ def to_sample_first(
 
 
 def _first_rows(inputs: Any, m: int) -> Any:
-    return _take(inputs, torch.arange(min(m, len(ProbeSet(inputs, None)))))
+    return _take(inputs, torch.arange(min(m, len(ProbeSet(inputs, None))), device="cpu"))
 
 
 def _distinct_rows(inputs: Any, m: int) -> Any:
@@ -302,7 +302,7 @@ def _distinct_rows(inputs: Any, m: int) -> Any:
             kept.append(i)
             if len(kept) == m:
                 break
-    return _take(inputs, torch.tensor(kept))
+    return _take(inputs, torch.tensor(kept, device="cpu"))
 
 
 def _take(value: Any, idx: Tensor) -> Any:

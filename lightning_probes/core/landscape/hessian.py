@@ -110,7 +110,9 @@ def lanczos_top_eigenvalues(
     m = min(dim, max(2 * k + 20, 40)) if num_iters is None else num_iters
     if not isinstance(m, int) or not k <= m <= dim:
         raise ValueError(f"Expected `num_iters` to be an int in [k={k}, dim={dim}], got {m!r}.")
-    q = torch.randn(dim, 1, generator=generator, dtype=torch.float64).to(device, dtype)
+    q = torch.randn(dim, 1, generator=generator, dtype=torch.float64, device="cpu").to(
+        device, dtype
+    )
     ritz = block_lanczos(lambda v: matvec(v[:, 0]).to(dtype)[:, None], q, max_iter=m - 1)
     return ritz.flip(0)[:k].to(torch.float64)
 

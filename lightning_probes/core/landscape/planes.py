@@ -85,7 +85,7 @@ def random_direction(
     if normalization not in ("filter", "model"):
         raise ValueError(f"`normalization` can be 'filter' or 'model', got {normalization!r}.")
     raw = {
-        k: torch.randn(p.shape, generator=generator).to(p.device, p.dtype)
+        k: torch.randn(p.shape, generator=generator, device="cpu").to(p.device, p.dtype)
         for k, p in params.items()
     }
     if normalization == "model":
@@ -165,7 +165,11 @@ def batched_probe_loss(
     """
     m = next(iter(stacked.values())).shape[0]
     if points_per_call is None:
-        points_per_call = _points_per_call(model, data, stacked, chunk_size, memory_budget_mb)
+        first = next(iter(stacked.values()))
+        numel = sum(v[0].numel() for v in stacked.values())
+        points_per_call = _points_per_call(
+            model, data, numel, first.element_size(), chunk_size, memory_budget_mb
+        )
 
     def one_point(params: dict[str, Tensor]) -> Tensor:
         return probe_loss(
@@ -219,7 +223,7 @@ def loss_plane(
     """
     if not isinstance(resolution, int) or resolution < 2:
         raise ValueError(f"Expected `resolution` to be an int >= 2, got {resolution!r}.")
-    grid = torch.linspace(-span, span, resolution, dtype=torch.float64)
+    grid = torch.linspace(-span, span, resolution, dtype=torch.float64, device="cpu")
     a = grid if alphas is None else alphas.double().cpu()
     b = grid if betas is None else betas.double().cpu()
     bb, aa = torch.meshgrid(b, a, indexing="ij")
@@ -228,7 +232,7 @@ def loss_plane(
         affine_family_loss(model, data, center, [u, v], coefs, **kwargs) if structured else None
     )
     if losses is None:
-        losses = batched_probe_loss(model, data, combine(center, [u, v], coefs), **kwargs)
+        losses = family_loss(model, data, center, [u, v], coefs, **kwargs)
     return LossPlane(a, b, losses.reshape(len(b), len(a)).cpu())
 
 
@@ -265,32 +269,83 @@ def loss_along_path(
         raise ValueError(
             f"Expected `points_per_segment` to be an int >= 2, got {points_per_segment!r}."
         )
-    local = torch.linspace(0, 1, points_per_segment, dtype=torch.float64)
+    local = torch.linspace(0, 1, points_per_segment, dtype=torch.float64, device="cpu")
     ts, rows = [], []
     for s in range(len(anchors) - 1):
         part = local if s == 0 else local[1:]
         ts.append(part + s)
-        coefs = torch.zeros(len(part), len(anchors), dtype=torch.float64)
+        coefs = torch.zeros(len(part), len(anchors), dtype=torch.float64, device="cpu")
         coefs[:, s], coefs[:, s + 1] = 1 - part, part
         rows.append(coefs)
     coefs = torch.cat(rows)  # point i = sum_k coefs[i, k] * anchors[k]
     zero = {k: torch.zeros_like(p) for k, p in anchors[0].items()}
     losses = affine_family_loss(model, data, zero, anchors, coefs, **kwargs) if structured else None
     if losses is None:
-        losses = batched_probe_loss(model, data, combine(zero, anchors, coefs), **kwargs)
+        losses = family_loss(model, data, zero, anchors, coefs, **kwargs)
     return torch.cat(ts), losses.cpu()
+
+
+def family_loss(
+    model: nn.Module,
+    data: ProbeSet,
+    center: Mapping[str, Tensor],
+    directions: Sequence[Mapping[str, Tensor]],
+    coefs: Tensor,
+    *,
+    chunk_size: int | None = None,
+    points_per_call: int | None = None,
+    memory_budget_mb: float = 256.0,
+    **kwargs: Any,
+) -> Tensor:
+    r"""Probe-set loss at the points :math:`\theta_c + \sum_k C_{ik} d_k`, group by group.
+
+    Only one group's parameters exist at a time (:func:`combine` of that group's rows of
+    ``coefs``), so the memory is that of ``points_per_call`` points (by default as many as fit
+    in ``memory_budget_mb`` with their activations), not of every point of a plane.
+
+    Args:
+        model: The network (not modified).
+        data: Probe set with targets.
+        center: :math:`\theta_c`, ``{name: [*shape]}``.
+        directions: ``K`` dicts shaped like ``center``.
+        coefs: ``[m, K]`` coefficients :math:`C`.
+        chunk_size: Samples per forward pass.
+        points_per_call: Points per group and ``vmap`` call (default: from the budget).
+        memory_budget_mb: Memory the default grouping aims for.
+        **kwargs: ``loss_fn``, ``output_fn`` of :func:`batched_probe_loss`.
+
+    Returns:
+        ``[m]`` losses, detached.
+    """
+    if points_per_call is None:
+        ref = next(iter(center.values()))
+        numel = sum(p.numel() for p in center.values())
+        points_per_call = _points_per_call(
+            model, data, numel, ref.element_size(), chunk_size, memory_budget_mb
+        )
+    group = max(1, points_per_call)
+    parts = [
+        batched_probe_loss(
+            model,
+            data,
+            combine(center, directions, coefs[start : start + group]),
+            chunk_size=chunk_size,
+            points_per_call=group,
+            **kwargs,
+        )
+        for start in range(0, coefs.shape[0], group)
+    ]
+    return torch.cat(parts)
 
 
 def _points_per_call(
     model: nn.Module,
     data: ProbeSet,
-    stacked: Mapping[str, Tensor],
+    per_point_params: int,
+    elem: int,
     chunk_size: int | None,
     budget_mb: float,
 ) -> int:
-    first = next(iter(stacked.values()))
-    elem = first.element_size()
-    per_point_params = sum(v[0].numel() for v in stacked.values())
     inputs, _, n_chunk = chunks(data, chunk_size or len(data))[0]
     per_sample_acts = _activations_per_sample(model, inputs)
     # parameters of the point + activations of one chunk kept for the forward (x2: slack)

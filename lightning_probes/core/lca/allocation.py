@@ -40,6 +40,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_probes.core.device import tensors_equal
 from lightning_probes.core.lca.gradients import (
     AutogradLossAndGrad,
     LossAndGradFn,
@@ -47,7 +48,7 @@ from lightning_probes.core.lca.gradients import (
     accumulate_grad,
     loss_only,
 )
-from lightning_probes.functional.lca import block_size, relative_error, sum64
+from lightning_probes.functional.lca import block_size, relative_error, sum64_tensor
 
 IntegrationRule = Literal["first_order", "simpson", "adaptive"]
 METHODS: tuple[str, ...] = ("first_order", "simpson", "adaptive")
@@ -150,7 +151,7 @@ def loss_change_allocation(
     names = _check_params(before, after)
     grad_fn = loss_and_grad if loss_and_grad is not None else AutogradLossAndGrad(loss_fn)
     acc_dtype = {k: torch.promote_types(before[k].dtype, torch.float32) for k in names}
-    deltas_nonzero = any(not torch.equal(before[k], after[k]) for k in names)
+    deltas_nonzero = not tensors_equal({k: before[k] for k in names}, {k: after[k] for k in names})
 
     evals = 0
     loss0: Tensor | float
@@ -260,7 +261,12 @@ def _result(
 
 
 def _sum(tensors: Mapping[str, Tensor]) -> float:
-    return float(sum(sum64(t) for t in tensors.values()))
+    """Σ of every tensor's float64 sum, in order, read back once (one host synchronisation)."""
+    parts = [sum64_tensor(t) for t in tensors.values()]
+    total = torch.zeros((), dtype=torch.float64, device=parts[0].device if parts else None)
+    for part in parts:
+        total += part.to(total.device)
+    return float(total)
 
 
 def _to_lc(
@@ -278,13 +284,13 @@ def _dot_delta(
     acc: Mapping[str, Tensor], before: Mapping[str, Tensor], after: Mapping[str, Tensor]
 ) -> float:
     r""":math:`\sum_k \Delta_k \cdot acc_k` (float64 sum), block by block."""
-    total = 0.0
+    total: Tensor | None = None  # read back once: one host synchronisation, not one per tensor
     for k, buf in acc.items():
         part = torch.zeros((), dtype=torch.float64, device=buf.device)
         for b, a, t in _blocks(buf, after[k], before[k]):
             part += (a.to(b.dtype) - t.to(b.dtype)).mul_(b).sum(dtype=torch.float64)
-        total += float(part)
-    return total
+        total = part.clone() if total is None else total.add_(part.to(total.device))
+    return 0.0 if total is None else float(total)
 
 
 def _blocks(*tensors: Tensor) -> list[tuple[Tensor, ...]]:

@@ -11,6 +11,7 @@ buffers the LCA loss depends on (:func:`loss_buffers`) and the authors' BatchNor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,7 +86,7 @@ class LCATracker:
             self.skipped += 1
             return
         values = [result.total, result.loss_before, result.loss_after]
-        if not all(torch.isfinite(torch.tensor(values))):
+        if not all(math.isfinite(v) for v in values):
             raise NonFiniteLossError(f"the loss on the LCA set is not finite ({values})")
         for name, p in params.items():
             if name not in self.cumulative:

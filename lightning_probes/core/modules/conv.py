@@ -170,13 +170,14 @@ class ConvOps(LayerOps):
         """
         conv: Any = module
         d = math.prod(input_shape)
-        img = torch.arange(1, d + 1, dtype=torch.float64).reshape(1, *input_shape)
+        cpu = torch.device("cpu")  # index tensors: built here, moved by the caller
+        img = torch.arange(1, d + 1, dtype=torch.float64, device=cpu).reshape(1, *input_shape)
         cols = unfold_input(module, img)[0]
         kk, ll = (cols > 0).nonzero(as_tuple=True)
         pix = cols[kk, ll].long() - 1
         probe = F.conv2d(
-            torch.zeros(1, *input_shape),
-            torch.zeros(conv.out_channels, *conv.weight.shape[1:]),
+            torch.zeros(1, *input_shape, device=cpu),
+            torch.zeros(conv.out_channels, *conv.weight.shape[1:], device=cpu),
             stride=conv.stride,
             padding=conv.padding,
             dilation=conv.dilation,

@@ -93,9 +93,9 @@ class LinearOps(LayerOps):
     def input_columns(self, module: nn.Module, input_shape: tuple[int, ...]) -> InputColumns:
         """Column ``i`` of the weight meets input ``i`` at the one position ``l = 0``."""
         d = math.prod(input_shape)
-        pix = torch.arange(d)
+        pix = torch.arange(d, device="cpu")  # index tensors: built here, moved by the caller
         out_shape = (int(_weight(module).shape[0]),)
-        return pix, pix.clone(), torch.zeros(d, dtype=torch.long), 1, out_shape
+        return pix, pix.clone(), torch.zeros(d, dtype=torch.long, device="cpu"), 1, out_shape
 
 
 class TransposedLinearOps(LinearOps):

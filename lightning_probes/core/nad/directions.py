@@ -84,6 +84,7 @@ def neural_anisotropy_directions(
     svd: SVDMethod = "auto",
     chunk_size: int | None = None,
     memory_budget: int | None = None,
+    max_memory_bytes: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> NADResult:
@@ -112,6 +113,8 @@ def neural_anisotropy_directions(
             cache-sized input blocks are what pays off, and 128 on GPU).
         memory_budget: Bytes of activations per call (default 32 MiB on CPU, 64 MiB there
             with the secant shortcut of :mod:`~lightning_probes.core.nad.local`, 1 GiB on GPU).
+        max_memory_bytes: Cap on the bytes the networks of one chunk hold, which lowers
+            ``chunk_size`` (see :func:`network_gradients`).
         device: Where to evaluate (default: where the factory's networks live).
         progress: Show a progress bar on stderr.
 
@@ -139,10 +142,11 @@ def neural_anisotropy_directions(
         generator=generator,
         chunk_size=chunk_size,
         memory_budget=memory_budget,
+        max_memory_bytes=max_memory_bytes,
         device=device,
         progress=progress,
     )
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device="cpu"))
     # centring leaves rank m - 1: with m <= d the m-th axis would be arbitrary
     k = min(grads.shape[0] - 1, grads.shape[1]) if k is None else k
     axes = principal_axes(grads, k, svd=svd, seed=seed)
@@ -168,6 +172,7 @@ def network_gradients(
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
+    max_memory_bytes: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
@@ -193,6 +198,12 @@ def network_gradients(
         generator: Source of :math:`x_0`, :math:`u` and the initialisation seed.
         chunk_size: Networks evaluated together.
         memory_budget: Bytes of activations per vmapped call.
+        max_memory_bytes: Cap on the bytes the networks of one chunk hold: their parameters
+            and buffers counted twice (each network's copy, then the chunk's stack), so a
+            chunk has at most ``max_memory_bytes // (2 * network bytes)`` networks (at least
+            one). Default: on a CUDA device a quarter of its free memory when the evaluation
+            starts (``chunk_size=128`` of a 100 MB network would otherwise hold about 26 GB);
+            elsewhere no cap. The activations (``memory_budget``) come on top.
         device: Where to evaluate.
         progress: Show a progress bar.
 
@@ -215,8 +226,14 @@ def network_gradients(
             f"Expected `eval_point` to have `input_shape` {shape}, got {tuple(eval_point.shape)}."
         )
     generator = generator if generator is not None else _generator_from_global_rng()
-    x0 = torch.randn(shape, generator=generator) if eval_point is None else eval_point.detach()
-    proj_seed, init_seed = (int(torch.randint(0, 2**62, (1,), generator=generator)) for _ in "ab")
+    x0 = (
+        torch.randn(shape, generator=generator, device="cpu")
+        if eval_point is None
+        else eval_point.detach()
+    )
+    proj_seed, init_seed = (
+        int(torch.randint(0, 2**62, (1,), generator=generator, device="cpu")) for _ in "ab"
+    )
     out: Tensor | None = None  # (m, d), filled chunk by chunk: no list + concatenation
     filled = 0
     with _seeded_global_rng(init_seed), _progress(num_networks, progress) as advance:
@@ -224,6 +241,9 @@ def network_gradients(
         pending = [network_state(template)]
         evaluator = ChunkEvaluator(template, x0, method, step, proj_seed, device)
         chunk = chunk_size or evaluator.default_chunk_size
+        cap = max_memory_bytes if max_memory_bytes is not None else _default_cap(evaluator.device)
+        if cap is not None:
+            chunk = max(1, min(chunk, cap // max(1, 2 * _state_bytes(pending[0]))))
         evaluator.plan(chunk, memory_budget)
         made = 1
         while pending:
@@ -286,8 +306,21 @@ def fresh_network_factory(model: nn.Module) -> ModelFactory:
     return factory
 
 
+def _state_bytes(state: tuple[dict[str, Tensor], dict[str, Tensor]]) -> int:
+    """Bytes of one network's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for part in state for t in part.values())
+
+
+def _default_cap(device: torch.device) -> int | None:
+    """A quarter of the free memory of a CUDA ``device``; ``None`` (no cap) elsewhere."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free) // 4
+
+
 def _generator_from_global_rng() -> torch.Generator:
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), device="cpu")))
 
 
 @contextmanager

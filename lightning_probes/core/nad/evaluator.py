@@ -106,7 +106,7 @@ class ChunkEvaluator:
         self.projection: Tensor | None = None
         if outputs > 1:
             gen = torch.Generator().manual_seed(proj_seed)
-            u = torch.randn(outputs, generator=gen, dtype=torch.float64)
+            u = torch.randn(outputs, generator=gen, dtype=torch.float64, device="cpu")
             self.projection = (u / u.norm()).to(self.device, dtype)
         cuda = self.device.type == "cuda"
         # CPU: one network per call on cache-sized blocks of inputs is fastest (vmap turns

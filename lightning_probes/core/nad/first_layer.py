@@ -54,7 +54,7 @@ class FirstLayer:
         order = torch.argsort(pix, stable=True)
         self.pix, self.kk, self.ll = pix[order], kk[order], ll[order]
         counts = torch.bincount(self.pix, minlength=d)
-        self.starts = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).tolist()
+        self.starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
 
     def to(self, device: torch.device) -> FirstLayer:
         """Move the index tensors to ``device``."""
@@ -181,7 +181,8 @@ def secant_inputs(x0: Tensor, indices: list[int], step: float) -> tuple[Tensor, 
     """``(x0 + h e_i for i in indices, then x0 - h e_i)`` and a NaN batch of the same shape."""
     d, shape = x0.numel(), tuple(x0.shape)
     basis = torch.zeros(len(indices), d, dtype=x0.dtype, device=x0.device)
-    basis[torch.arange(len(indices)), torch.tensor(indices)] = step
+    rows = torch.arange(len(indices), device=x0.device)
+    basis[rows, torch.tensor(indices, device=x0.device)] = step
     inputs = torch.cat([x0.reshape(1, d) + basis, x0.reshape(1, d) - basis]).reshape(-1, *shape)
     nan_input = torch.full_like(x0, float("nan"))[None].expand(inputs.shape[0], *shape)
     return inputs, nan_input

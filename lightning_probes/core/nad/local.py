@@ -85,8 +85,14 @@ class LocalPrefix:
         d = len(layer.starts) - 1
         positions = h * w
         # conv positions of each pooled window: (Lp, T)
-        a = torch.arange(hp)[:, None, None, None] * sh + torch.arange(kh)[None, None, :, None]
-        b = torch.arange(wp)[None, :, None, None] * sw + torch.arange(kw)[None, None, None, :]
+        a = (
+            torch.arange(hp, device="cpu")[:, None, None, None] * sh
+            + torch.arange(kh, device="cpu")[None, None, :, None]
+        )
+        b = (
+            torch.arange(wp, device="cpu")[None, :, None, None] * sw
+            + torch.arange(kw, device="cpu")[None, None, None, :]
+        )
         windows = (a * w + b).reshape(hp * wp, kh * kw)
         pix, ll = layer.pix.cpu(), layer.ll.cpu()
         # (pixel, window) pairs: window (a, c) holds conv row r iff a sh <= r < a sh + kh
@@ -108,9 +114,9 @@ class LocalPrefix:
         # the j-th affected window of each pixel; pad with its first (same value written
         # twice), or window 0 without change when a pixel changes nothing
         first = torch.cumsum(counts, 0) - counts
-        q = torch.zeros(d, slots, dtype=torch.long)
-        q[rows, torch.arange(rows.numel()) - first[rows]] = cols
-        pad = torch.arange(slots)[None, :] >= counts[:, None]
+        q = torch.zeros(d, slots, dtype=torch.long, device="cpu")
+        q[rows, torch.arange(rows.numel(), device="cpu") - first[rows]] = cols
+        pad = torch.arange(slots, device="cpu")[None, :] >= counts[:, None]
         q = torch.where(pad, q[:, :1], q)
         self.qidx = q
         lpos = windows[q]  # (d, Q, T)
@@ -119,7 +125,7 @@ class LocalPrefix:
         keys = pix * positions + ll
         order = torch.argsort(keys)
         keys, kk = keys[order], layer.kk.cpu()[order]
-        query = torch.arange(d)[:, None, None] * positions + lpos
+        query = torch.arange(d, device="cpu")[:, None, None] * positions + lpos
         at = torch.searchsorted(keys, query).clamp(max=keys.numel() - 1)
         kidx = torch.where(keys[at] == query, kk[at], torch.full_like(at, k_cols))
         # (T, d, Q): window entry t outermost, so the max over t runs on contiguous slices

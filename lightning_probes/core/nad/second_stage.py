@@ -69,8 +69,8 @@ class SecondStage:
         nw = int((torch.div(lo_c + dw - 1, kw, rounding_mode="floor") - win_c0).max()) + 1
         self.windows = (nh, nw)
         ah, aw = nh * kh, nw * kw  # conv2 box of the windows, from row win_r0 * kh
-        y = torch.arange(ah)[None, :, None]
-        x = torch.arange(aw)[None, None, :]
+        y = torch.arange(ah, device="cpu")[None, :, None]
+        x = torch.arange(aw, device="cpu")[None, None, :]
         rows2 = win_r0[:, None, None] * kh + y  # (d, ah, 1) conv2 rows
         cols2 = win_c0[:, None, None] * kw + x
         # conv2 canvas with margins so every box fits; values outside feed only dropped windows
@@ -87,8 +87,8 @@ class SecondStage:
         self.delta_idx = self.delta_idx.reshape(d, -1)
         self.delta_shape = (dh, dw)
         # pooled windows: canvas with margins, cropped to the valid ones afterwards
-        pr = win_r0[:, None, None] + torch.arange(nh)[None, :, None]
-        pc = win_c0[:, None, None] + torch.arange(nw)[None, None, :]
+        pr = win_r0[:, None, None] + torch.arange(nh, device="cpu")[None, :, None]
+        pc = win_c0[:, None, None] + torch.arange(nw, device="cpu")[None, None, :]
         self.margin_p = (
             max(0, -int(pr.min()), int(pr.max()) - hp + 1),
             max(0, -int(pc.min()), int(pc.max()) - wp + 1),
