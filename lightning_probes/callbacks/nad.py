@@ -25,6 +25,8 @@ from typing_extensions import override
 
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.base import ProbeCallback
+from lightning_probes.callbacks.budget import predict_first_run
+from lightning_probes.callbacks.nad_progress import BasisProgress, announce_basis
 from lightning_probes.callbacks.plots.nad import (
     log_energy_figure,
     log_index_histogram,
@@ -215,6 +217,9 @@ class NADCallback(ProbeCallback):
         if self.output_fn is not None:
             output_fn, make = self.output_fn, factory
             factory = lambda: OutputAdapter(make(), output_fn)  # noqa: E731
+        data = self.probe_set
+        predicted = None if data is None else predict_first_run(self, pl_module, data)
+        announce_basis(type(self).__name__, predicted, self.num_networks, shape)
         nads = neural_anisotropy_directions(
             factory,
             shape,
@@ -225,6 +230,7 @@ class NADCallback(ProbeCallback):
             generator=torch.Generator().manual_seed(self.seed),
             memory_budget=self.memory_budget,
             device=pl_module.device,
+            progress=BasisProgress(type(self).__name__),
         )
         self._nads = _to_cpu(nads)
         self._log_basis(trainer, pl_module)

@@ -45,6 +45,9 @@ from lightning_probes.core.nad.evaluator import (  # re-exported: `core.nad` is 
 )
 from lightning_probes.functional.nad import SVDMethod, principal_axes
 
+ProgressFn = Callable[[int, int], None]
+"""``(networks done, total) -> None``, called after each chunk of networks."""
+
 ModelFactory = Callable[[], nn.Module]
 
 
@@ -85,7 +88,7 @@ def neural_anisotropy_directions(
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     device: torch.device | str | None = None,
-    progress: bool = False,
+    progress: bool | ProgressFn = False,
 ) -> NADResult:
     r"""NADs of the architecture that ``model_factory`` builds (Ortiz-Jiménez et al., 2020).
 
@@ -113,7 +116,8 @@ def neural_anisotropy_directions(
         memory_budget: Bytes of activations per call (default 32 MiB on CPU, 64 MiB there
             with the secant shortcut of :mod:`~lightning_probes.core.nad.local`, 1 GiB on GPU).
         device: Where to evaluate (default: where the factory's networks live).
-        progress: Show a progress bar on stderr.
+        progress: Show a progress bar on stderr, or a ``(done, total) -> None`` callable
+            called after each chunk of networks (e.g. a Lightning-friendly reporter).
 
     Returns:
         The :class:`NADResult`.
@@ -169,7 +173,7 @@ def network_gradients(
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     device: torch.device | str | None = None,
-    progress: bool = False,
+    progress: bool | ProgressFn = False,
 ) -> tuple[Tensor, Tensor]:
     r"""Input gradients of ``num_networks`` random networks at one point: the rows NADs come from.
 
@@ -194,7 +198,8 @@ def network_gradients(
         chunk_size: Networks evaluated together.
         memory_budget: Bytes of activations per vmapped call.
         device: Where to evaluate.
-        progress: Show a progress bar.
+        progress: Show a progress bar, or a ``(done, total) -> None`` callable called
+            after each chunk of networks.
 
     Returns:
         ``(gradients (m, d), eval_point (*input_shape))``, in the networks' dtype and device.
@@ -299,9 +304,18 @@ def _seeded_global_rng(seed: int) -> Iterator[None]:
 
 
 @contextmanager
-def _progress(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+def _progress(total: int, enabled: bool | ProgressFn) -> Iterator[Callable[[int], None]]:
     if not enabled:
         yield lambda n: None
+        return
+    if callable(enabled):
+        done = [0]
+
+        def call(n: int) -> None:
+            done[0] += n
+            enabled(done[0], total)
+
+        yield call
         return
     try:
         from tqdm import tqdm
