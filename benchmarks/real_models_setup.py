@@ -234,6 +234,19 @@ def gram_flops(model: nn.Module, data: ProbeSet, layers: dict[str, nn.Module], o
     return total
 
 
+def backward_seconds(model: nn.Module, inputs: Any, output_fn: Any) -> float:
+    """Median seconds of one backward pass of the summed outputs (the forward not timed)."""
+    times = []
+    for _ in range(4):
+        model.zero_grad(set_to_none=True)
+        out = call(model, inputs)
+        total = (output_fn(out) if output_fn else out).sum()
+        start = time.perf_counter()
+        total.backward()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 def gradient_seconds(module: pl.LightningModule, data: ProbeSet) -> float:
     """One gradient evaluation of the loss on ``data`` (train mode: BatchNorm batch stats)."""
     model = copy.deepcopy(module).train()
@@ -262,12 +275,7 @@ def minimum(name: str, cb: Any, module: pl.LightningModule, size: int) -> tuple[
         out = cb.output_fn(call(model, data.inputs)) if cb.output_fn else call(model, data.inputs)
         o = len(cb.classes) if getattr(cb, "classes", None) else out.shape[-1]
 
-        def fwd_bwd() -> None:
-            model.zero_grad(set_to_none=True)
-            out = call(model, data.inputs)
-            (cb.output_fn(out) if cb.output_fn else out).sum().backward()
-
-        bwd = max(best_time(fwd_bwd) - fwd, 0.0)
+        bwd = backward_seconds(model, data.inputs, cb.output_fn)
         flops = gram_flops(model, data, layers, o)
         gram = flops / matmul_rate()
         note = f"fwd + {o} bwd ({bwd:.3f} s) + {flops / 1e9:.1f} GF Gram ({gram:.2f} s)"
