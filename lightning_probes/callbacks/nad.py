@@ -25,8 +25,7 @@ from typing_extensions import override
 
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.base import ProbeCallback
-from lightning_probes.callbacks.budget import predict_first_run
-from lightning_probes.callbacks.nad_progress import BasisProgress, announce_basis
+from lightning_probes.callbacks.nad_progress import BasisProgress, announce_basis, predict_basis
 from lightning_probes.callbacks.plots.nad import (
     log_energy_figure,
     log_index_histogram,
@@ -218,7 +217,7 @@ class NADCallback(ProbeCallback):
             output_fn, make = self.output_fn, factory
             factory = lambda: OutputAdapter(make(), output_fn)  # noqa: E731
         data = self.probe_set
-        predicted = None if data is None else predict_first_run(self, pl_module, data)
+        predicted = None if data is None else predict_basis(pl_module, data, self.num_networks)
         announce_basis(type(self).__name__, predicted, self.num_networks, shape)
         nads = neural_anisotropy_directions(
             factory,

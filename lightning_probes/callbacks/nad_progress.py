@@ -14,9 +14,35 @@ import time
 from typing import Any
 
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lightning_probes.core.cost import calibrate
+from lightning_probes.core.data import ProbeSet
+from lightning_probes.core.isolation import isolated
 
 LONG_SECONDS = 60.0
 """A predicted basis longer than this is announced with a warning that says how to shorten it."""
+
+
+def predict_basis(model: nn.Module, data: ProbeSet, num_networks: int) -> float:
+    """Predicted seconds of the basis: ``2·d + 1`` single-sample forwards per network.
+
+    Timed on ``model`` itself (the architecture of the random networks) at the probe set's
+    batched throughput; the networks' construction is not counted (the user's factory is not
+    called here).
+
+    Args:
+        model: The trained model (isolated: left as it was).
+        data: The probe set (``[n, *input_shape]`` inputs).
+        num_networks: Networks of the basis.
+
+    Returns:
+        Predicted seconds.
+    """
+    d = int(data.inputs[0].numel())
+    with isolated(model, grad=False):
+        units = calibrate(model, data)
+    return num_networks * units.seconds(forwards=(2 * d + 1) / max(units.num_samples, 1))
 
 
 def announce_basis(
