@@ -25,7 +25,7 @@ its ratio to what the method must compute, measured in the same process:
 
 Targets (printed, not asserted): every probe within 2x its minimum on both models.
 GPT-2's CKA uses the last position's logits (``output_fn=lambda out: out[:, -1]``, o = 100
-outputs) or, by default, the class-subset recipe (``classes=range(10)``): ``--gpt2-outputs``.
+outputs) or, by default, the class-subset recipe (``out[:, -1, :10]``): ``--gpt2-outputs``.
 Run: ``python benchmarks/bench_real_models.py [--models resnet gpt2] [--probes ...] [--quick]``.
 The machine may be shared: read the ratios (measured in one process), not absolute times.
 """
@@ -70,10 +70,8 @@ def make_probe(name: str, model: str, size: int, gpt2_outputs: int) -> pl.Callba
         return lp.LossContributionCallback(method="simpson", **common)
     if name == "cka":
         extra: dict[str, Any] = {}
-        if model == "gpt2":
-            extra["output_fn"] = last_position
-            if gpt2_outputs < 100:
-                extra["classes"] = list(range(gpt2_outputs))
+        if model == "gpt2":  # the last position's logits, the first `gpt2_outputs` of them
+            extra["output_fn"] = last_position if gpt2_outputs == 100 else first_ten_logits
         return lp.LayerCKACallback(**common, **extra)
     if name == "ablation":
         return lp.AblationAUCCallback(**common)
@@ -88,6 +86,10 @@ def make_probe(name: str, model: str, size: int, gpt2_outputs: int) -> pl.Callba
 
 def last_position(out: torch.Tensor) -> torch.Tensor:
     return out[:, -1]
+
+
+def first_ten_logits(out: torch.Tensor) -> torch.Tensor:
+    return out[:, -1, :10]
 
 
 def timed_runs(module: pl.LightningModule, loader: DataLoader, probe: pl.Callback, runs: int):

@@ -273,7 +273,7 @@ def minimum(name: str, cb: Any, module: pl.LightningModule, size: int) -> tuple[
     if name == "cka":
         layers = resolve_layers(model, None, inputs=data.inputs)
         out = cb.output_fn(call(model, data.inputs)) if cb.output_fn else call(model, data.inputs)
-        o = len(cb.classes) if getattr(cb, "classes", None) else out.shape[-1]
+        o = out.shape[-1]
 
         bwd = backward_seconds(model, data.inputs, cb.output_fn)
         flops = gram_flops(model, data, layers, o)
