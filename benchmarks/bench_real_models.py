@@ -138,7 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["resnet", "gpt2"])
     parser.add_argument("--probes", nargs="+", default=list(PROBES), choices=PROBES)
-    parser.add_argument("--quick", action="store_true", help="one run per probe, 1 NAD network")
+    parser.add_argument("--quick", action="store_true", help="one run per probe, 2 NAD networks")
     parser.add_argument("--width", type=int, default=8, help="ResNet-18 first-stage channels")
     parser.add_argument("--gpt2-outputs", type=int, default=10, choices=(10, 100))
     parser.add_argument("--nad-networks", type=int, default=2)
@@ -149,7 +149,7 @@ def main() -> None:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning").setLevel(logging.ERROR)
     runs = 1 if args.quick else 2
-    nad_nets = 1 if args.quick else args.nad_networks
+    nad_nets = 2 if args.quick else args.nad_networks
     print(f"torch {torch.__version__}, {args.threads} threads; times in s, last of {runs} runs")
     for model_name in args.models:
         factory, loader = build(model_name, args)

@@ -217,7 +217,11 @@ class NADCallback(ProbeCallback):
             output_fn, make = self.output_fn, factory
             factory = lambda: OutputAdapter(make(), output_fn)  # noqa: E731
         data = self.probe_set
-        predicted = None if data is None else predict_basis(pl_module, data, self.num_networks)
+        predicted = (
+            None
+            if data is None
+            else predict_basis(pl_module, data, self.num_networks, self.output_fn)
+        )
         announce_basis(type(self).__name__, predicted, self.num_networks, shape)
         nads = neural_anisotropy_directions(
             factory,

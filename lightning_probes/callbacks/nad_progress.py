@@ -18,13 +18,16 @@ from torch import nn
 
 from lightning_probes.core.cost import calibrate
 from lightning_probes.core.data import ProbeSet
+from lightning_probes.core.evaluation import OutputFn
 from lightning_probes.core.isolation import isolated
 
 LONG_SECONDS = 60.0
 """A predicted basis longer than this is announced with a warning that says how to shorten it."""
 
 
-def predict_basis(model: nn.Module, data: ProbeSet, num_networks: int) -> float:
+def predict_basis(
+    model: nn.Module, data: ProbeSet, num_networks: int, output_fn: OutputFn | None = None
+) -> float:
     """Predicted seconds of the basis: ``2·d + 1`` single-sample forwards per network.
 
     Timed on ``model`` itself (the architecture of the random networks) at the probe set's
@@ -35,13 +38,14 @@ def predict_basis(model: nn.Module, data: ProbeSet, num_networks: int) -> float:
         model: The trained model (isolated: left as it was).
         data: The probe set (``[n, *input_shape]`` inputs).
         num_networks: Networks of the basis.
+        output_fn: Maps the model output to its scalar output (as the callback's).
 
     Returns:
         Predicted seconds.
     """
     d = int(data.inputs[0].numel())
     with isolated(model, grad=False):
-        units = calibrate(model, data)
+        units = calibrate(model, data, output_fn=output_fn)
     return num_networks * units.seconds(forwards=(2 * d + 1) / max(units.num_samples, 1))
 
 
