@@ -91,7 +91,9 @@ class LossContributionCallback(ProbeCallback):
             is at most ``tolerance``), ``"simpson"`` (fixed ``splits``) or ``"first_order"``.
         splits: Even number of Simpson intervals (initial ones for ``adaptive``).
         tolerance: Absolute bound on :math:`|\Delta L - \sum_i LC_i|` for ``adaptive``.
-        max_splits: Upper bound on the splits of ``adaptive``.
+        max_splits: Upper bound on the splits of ``adaptive``: 8 (the authors' code: 32), so a
+            step costs at most 9 gradient evaluations (4.5x Simpson's 2); a step that needs more
+            stops at 8 and logs its larger ``error`` (``max_splits=32``: the authors' rule).
         window: Instrument ``window`` consecutive steps from each scheduled step (steps
             ``s, ..., s + window - 1``); consecutive steps share gradients.
         chunk_size: Samples per forward/backward pass on the LCA set (memory bound).
@@ -127,7 +129,7 @@ class LossContributionCallback(ProbeCallback):
         method: IntegrationRule = "adaptive",
         splits: int = 2,
         tolerance: float = 1e-3,
-        max_splits: int = 32,
+        max_splits: int = 8,
         window: int = 1,
         chunk_size: int | None = 1024,
         loss_fn: LossFn | None = None,

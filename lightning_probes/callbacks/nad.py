@@ -25,6 +25,7 @@ from typing_extensions import override
 
 from lightning_probes import logging as plog
 from lightning_probes.callbacks.base import ProbeCallback
+from lightning_probes.callbacks.nad_progress import BasisProgress, announce_basis, predict_basis
 from lightning_probes.callbacks.plots.nad import (
     log_direction_images,
     log_energy_figure,
@@ -219,6 +220,13 @@ class NADCallback(ProbeCallback):
         if self.output_fn is not None:
             output_fn, make = self.output_fn, factory
             factory = lambda: OutputAdapter(make(), output_fn)  # noqa: E731
+        data = self.probe_set
+        predicted = (
+            None
+            if data is None
+            else predict_basis(pl_module, data, self.num_networks, self.output_fn)
+        )
+        announce_basis(type(self).__name__, predicted, self.num_networks, shape)
         nads = neural_anisotropy_directions(
             factory,
             shape,
@@ -230,6 +238,7 @@ class NADCallback(ProbeCallback):
             memory_budget=self.memory_budget,
             max_memory_bytes=self.max_memory_bytes,
             device=pl_module.device,
+            progress=BasisProgress(type(self).__name__),
         )
         self._nads = _to_cpu(nads)
         self._log_basis(trainer, pl_module)

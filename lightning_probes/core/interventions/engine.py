@@ -19,7 +19,10 @@ subtracted), and a later point's own layer computes only the outputs kept at its
 the inputs kept at the previous point.
 
 A model that mixes the prefix with the expanded batch (a skip connection around the first
-point) falls back to expanding the inputs instead (with a warning).
+point, e.g. a ResNet block's downsample branch) expands instead the input of the innermost
+module enclosing the first point whose remainder runs on the expanded batch and gives the same
+logits as the plain model (checked on two samples): the block, so only the block and what
+follows it run per mask. Without such a module the model's inputs are expanded (a warning).
 
 Index letters: ``M`` masks, ``n`` samples, ``u`` units of a point.
 """
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -103,8 +107,21 @@ def evaluate_interventions(
             f"{targets.dtype} of shape {tuple(targets.shape)}."
         )
     n = num_samples(inputs)
-    expand = num_masks > 1 and not _shares_prefix(model, inputs, trace, output_fn)
-    n_c, m_c = _chunk_sizes(n, num_masks, trace, trace.element_size, memory_budget, expand)
+    error = _prefix_error(model, inputs, trace, output_fn) if num_masks > 1 else None
+    expand = error is not None
+    at = expansion_point(model, inputs, trace, output_fn) if expand else None
+    if expand:
+        where = (
+            "repeating the inputs instead (no shared prefix, slower)"
+            if at is None
+            else f"expanding the input of the enclosing {type(at[0]).__name__} instead"
+        )
+        warnings.warn(
+            "The model mixes activations from before the first ablation point with the "
+            f"expanded batch ({error}); evaluating masks by {where}.",
+            stacklevel=3,
+        )
+    n_c, m_c = _chunk_sizes(n, num_masks, trace, trace.element_size, memory_budget, expand, at)
     # on the CPU: `correct_and_loss` returns each chunk's sums there
     correct = torch.zeros(num_masks, dtype=torch.float64, device="cpu")
     loss = torch.zeros(num_masks, dtype=torch.float64, device="cpu")
@@ -123,6 +140,7 @@ def evaluate_interventions(
                 sl,
                 masks,
                 expand_inputs=expand and m > 1,
+                expand_at=None if at is None else at[0],
                 output_fn=output_fn,
                 memory_budget=memory_budget,
                 cache=cache,
@@ -140,29 +158,41 @@ def evaluate_interventions(
 
 
 def _chunk_sizes(
-    n: int, num_masks: int, trace: Trace, element_size: int, budget: int, expand: bool
+    n: int,
+    num_masks: int,
+    trace: Trace,
+    element_size: int,
+    budget: int,
+    expand: bool,
+    at: tuple[nn.Module, int] | None = None,
 ) -> tuple[int, int]:
     """Samples and masks per forward pass, so that activations stay within ``budget`` bytes.
 
     Every forward pass re-runs the shared prefix, so passes evaluate as many masks as fit
-    (all of them if at least ``min(n, 32)`` samples then fit), taking fewer samples instead.
+    (all of them if at least ``min(n, 8)`` samples then fit: the prefix then runs once per
+    sample), taking fewer samples instead.
     """
     prefix = 4 * element_size * trace.prefix_elements  # ~4 live tensors of the largest output
     suffix = 4 * element_size * trace.suffix_elements
-    if expand:  # the whole network runs on the expanded batch
+    if expand and at is not None:  # the network runs on the expanded batch from `at` on
+        suffix = max(suffix, 4 * element_size * at[1])
+    elif expand:  # the whole network runs on the expanded batch
         prefix, suffix = 0, max(prefix, suffix)
     all_masks = budget // (prefix + num_masks * suffix)
-    if all_masks >= min(n, 32):
+    if all_masks >= min(n, 8):
         return min(n, all_masks), num_masks
     n_c = max(1, min(n, 32, budget // (prefix + 8 * suffix)))  # room for 8 masks if possible
     return n_c, max(1, min(num_masks, (budget - n_c * prefix) // (n_c * suffix)))
 
 
-def _shares_prefix(model: nn.Module, inputs: Any, trace: Trace, output_fn: OutputFn | None) -> bool:
-    """Whether the model runs with the first point's output expanded to several copies.
+def _prefix_error(
+    model: nn.Module, inputs: Any, trace: Trace, output_fn: OutputFn | None
+) -> str | None:
+    """Why the model cannot run with the first point's output expanded, or ``None`` if it can.
 
     A model that mixes activations from before the first point with the expanded batch (a skip
-    connection around it) does not; masks are then evaluated by repeating the inputs.
+    connection around it) cannot; masks are then evaluated by expanding an enclosing module's
+    input (:func:`expansion_point`) or the model's inputs.
     """
     x = take(inputs, 0, 2)
     try:
@@ -177,14 +207,58 @@ def _shares_prefix(model: nn.Module, inputs: Any, trace: Trace, output_fn: Outpu
             output_fn=output_fn,
         )
     except (RuntimeError, BatchMismatchError) as err:
-        warnings.warn(
-            "The model mixes activations from before the first ablation point with the "
-            f"expanded batch ({type(err).__name__}: {str(err)[:200]}); evaluating masks by "
-            "repeating the inputs instead (no shared prefix, slower).",
-            stacklevel=4,
-        )
-        return False
-    return True
+        return f"{type(err).__name__}: {str(err)[:200]}"
+    return None
+
+
+def _record_input_size(seen: list[int], module: nn.Module, args: tuple[Any, ...]) -> None:
+    if args and isinstance(args[0], Tensor):
+        seen.append(args[0][0].numel())
+
+
+def expansion_point(
+    model: nn.Module, inputs: Any, trace: Trace, output_fn: OutputFn | None
+) -> tuple[nn.Module, int] | None:
+    """The innermost module enclosing the first point whose input can be expanded, or ``None``.
+
+    For each ancestor of the first point (by name, innermost first), two probe samples run with
+    that ancestor's inputs repeated twice (identity interventions); the first whose logits equal
+    the plain model's, copy by copy, is returned with its input's elements per sample.
+
+    Args:
+        model: The network (eval mode).
+        inputs: ``[n, ...]`` probe inputs.
+        trace: From :func:`trace_model`.
+        output_fn: Maps the model output to logits.
+
+    Returns:
+        ``(module, elements per sample of its first input)`` or ``None`` (expand the inputs).
+    """
+    first = trace.points[trace.order[0]]
+    x = take(inputs, 0, 2)
+    with torch.no_grad():
+        reference = as_logits(run(model, x), output_fn)
+    named = dict(model.named_modules())
+    parts = first.name.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        module = named.get(".".join(parts[:k]))
+        if module is None:
+            continue
+        seen: list[int] = []
+        handle = module.register_forward_pre_hook(partial(_record_input_size, seen))
+        try:
+            logits = _run(
+                model, x, trace, lambda j, h, sl: h, slice(0, 2), None,
+                expand_inputs=True, expand_at=module, output_fn=output_fn,
+            )  # fmt: skip
+        except (RuntimeError, BatchMismatchError):
+            continue
+        finally:
+            handle.remove()
+        same = logits.reshape(2, *reference.shape)
+        if len(seen) == 1 and torch.allclose(same, reference.expand_as(same), 1e-4, 1e-5):
+            return module, seen[0]
+    return None
 
 
 def _run(
@@ -197,6 +271,7 @@ def _run(
     *,
     expand_inputs: bool,
     output_fn: OutputFn | None,
+    expand_at: nn.Module | None = None,
     memory_budget: int = 2**25,
     cache: dict[str, Tensor | None] | None = None,
     shortcut_path: ShortcutPath = "auto",
@@ -241,7 +316,10 @@ def _run(
     if shortcut is not None:
         modules[shortcut[0]] = shortcut[1]
     modules.update({name: module for name, (module, _, _) in sparse.items()})
-    inputs = repeat_samples(x, m) if expand_inputs else x
+    inputs = repeat_samples(x, m) if expand_inputs and expand_at is None else x
+
+    def expand(module: nn.Module, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        return repeat_samples(args, m), repeat_samples(kwargs, m)
 
     def make_stash(name: str) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
         def stash(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -251,6 +329,8 @@ def _run(
         return stash
 
     handles = [mod.register_forward_pre_hook(make_stash(nm)) for nm, (mod, _, _) in sparse.items()]
+    if expand_inputs and expand_at is not None:
+        handles.append(expand_at.register_forward_pre_hook(expand, with_kwargs=True))
     try:
         with torch.no_grad(), replace_output(modules, intervene):
             logits = as_logits(run(model, inputs), output_fn)

@@ -45,6 +45,9 @@ from lightning_probes.core.nad.evaluator import (  # re-exported: `core.nad` is 
 )
 from lightning_probes.functional.nad import SVDMethod, principal_axes
 
+ProgressFn = Callable[[int, int], None]
+"""``(networks done, total) -> None``, called after each chunk of networks."""
+
 ModelFactory = Callable[[], nn.Module]
 
 
@@ -86,7 +89,7 @@ def neural_anisotropy_directions(
     memory_budget: int | None = None,
     max_memory_bytes: int | None = None,
     device: torch.device | str | None = None,
-    progress: bool = False,
+    progress: bool | ProgressFn = False,
 ) -> NADResult:
     r"""NADs of the architecture that ``model_factory`` builds (Ortiz-Jiménez et al., 2020).
 
@@ -116,7 +119,8 @@ def neural_anisotropy_directions(
         max_memory_bytes: Cap on the bytes the networks of one chunk hold, which lowers
             ``chunk_size`` (see :func:`network_gradients`).
         device: Where to evaluate (default: where the factory's networks live).
-        progress: Show a progress bar on stderr.
+        progress: Show a progress bar on stderr, or a ``(done, total) -> None`` callable
+            called after each chunk of networks (e.g. a Lightning-friendly reporter).
 
     Returns:
         The :class:`NADResult`.
@@ -174,7 +178,7 @@ def network_gradients(
     memory_budget: int | None = None,
     max_memory_bytes: int | None = None,
     device: torch.device | str | None = None,
-    progress: bool = False,
+    progress: bool | ProgressFn = False,
 ) -> tuple[Tensor, Tensor]:
     r"""Input gradients of ``num_networks`` random networks at one point: the rows NADs come from.
 
@@ -205,7 +209,8 @@ def network_gradients(
             starts (``chunk_size=128`` of a 100 MB network would otherwise hold about 26 GB);
             elsewhere no cap. The activations (``memory_budget``) come on top.
         device: Where to evaluate.
-        progress: Show a progress bar.
+        progress: Show a progress bar, or a ``(done, total) -> None`` callable called
+            after each chunk of networks.
 
     Returns:
         ``(gradients (m, d), eval_point (*input_shape))``, in the networks' dtype and device.
@@ -332,9 +337,18 @@ def _seeded_global_rng(seed: int) -> Iterator[None]:
 
 
 @contextmanager
-def _progress(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+def _progress(total: int, enabled: bool | ProgressFn) -> Iterator[Callable[[int], None]]:
     if not enabled:
         yield lambda n: None
+        return
+    if callable(enabled):
+        done = [0]
+
+        def call(n: int) -> None:
+            done[0] += n
+            enabled(done[0], total)
+
+        yield call
         return
     try:
         from tqdm import tqdm

@@ -1,0 +1,317 @@
+"""Models and intrinsic minimums for ``bench_real_models.py`` (see its docstring).
+
+Each ``*_minimum`` times, in the calling process, what the probe's method must compute at the
+least; :func:`minimum` dispatches on the probe's name and returns ``(seconds, note)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import Logger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_probes.core.data import ProbeSet, model_arguments
+from lightning_probes.core.evaluation import default_loss
+from lightning_probes.core.interventions import trace_model
+from lightning_probes.core.kernels.tangent import resolve_layers
+from lightning_probes.core.nad import network_gradients
+
+VOCAB, TOKENS = 100, 64
+NAD_DEFAULT_NETWORKS = 256
+
+
+class _Module(pl.LightningModule):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet ``BasicBlock`` (conv-bn-relu-conv-bn, identity or 1x1 downsample)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class ResNet18(_Module):
+    """ResNet-18 (2-2-2-2 basic blocks) for 3x32x32 inputs, CIFAR stem, ``width`` channels."""
+
+    def __init__(self, width: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        w = width
+        self.conv1 = nn.Conv2d(3, w, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.relu = nn.ReLU(inplace=True)
+        stages, cin = [], w
+        for i, cout in enumerate([w, 2 * w, 4 * w, 8 * w]):
+            stages.append(
+                nn.Sequential(BasicBlock(cin, cout, 1 if i == 0 else 2), BasicBlock(cout, cout))
+            )
+            cin = cout
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(self.pool(x).flatten(1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+
+class GPT2(_Module):
+    """HF ``GPT2LMHeadModel``: 4 layers, width 256, 4 heads, 64 tokens, vocabulary 100."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(
+            vocab_size=VOCAB, n_positions=TOKENS, n_embd=256, n_layer=4, n_head=4,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )  # fmt: skip
+        self.model = GPT2LMHeadModel(cfg)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids).logits
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return default_loss(self(batch["input_ids"]), batch["labels"])
+
+
+def gpt2_model() -> pl.LightningModule:
+    return GPT2()
+
+
+class _Dict(torch.utils.data.Dataset):
+    def __init__(self, ids: Tensor) -> None:
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i].roll(-1)}
+
+
+def token_loader(n: int, batch_size: int) -> DataLoader:
+    ids = torch.randint(0, VOCAB, (n, TOKENS), generator=torch.Generator().manual_seed(0))
+    return DataLoader(_Dict(ids), batch_size=batch_size, shuffle=True)
+
+
+def image_loader(n: int, batch_size: int) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
+
+
+def call(model: nn.Module, inputs: Any) -> Any:
+    args, kwargs = model_arguments(inputs)
+    return model(*args, **kwargs)
+
+
+def best_time(fn: Callable[[], Any], repeats: int = 3) -> float:
+    """Median seconds of ``fn()`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_seconds(model: nn.Module, inputs: Any) -> float:
+    with torch.no_grad():
+        return best_time(lambda: call(model, inputs))
+
+
+class _Stop(Exception):
+    pass
+
+
+class NullLogger(Logger):
+    """A logger that keeps nothing (probes need one to report to; no I/O is timed)."""
+
+    @property
+    def name(self) -> str:
+        return "null"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def prefix_seconds(model: nn.Module, inputs: Any, module: nn.Module) -> float:
+    """Seconds of the forward up to ``module``'s output (a hook stops the pass there)."""
+
+    def stop(*_: Any) -> None:
+        raise _Stop
+
+    def run() -> None:
+        with contextlib.suppress(_Stop):
+            call(model, inputs)
+
+    handle = module.register_forward_hook(stop)
+    try:
+        with torch.no_grad():
+            return best_time(run)
+    finally:
+        handle.remove()
+
+
+def matmul_rate() -> float:
+    """Float32 multiply-add rate (flop/s) of a 1024 x 1024 matmul here."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    return 2 * 1024**3 / best_time(lambda: a @ b, 5)
+
+
+def gram_flops(model: nn.Module, data: ProbeSet, layers: dict[str, nn.Module], o: int) -> float:
+    """Flops of the layers' kernel Gram products, the cheaper route per layer (docstring)."""
+    shapes: dict[str, tuple[int, int, int]] = {}
+    n = len(data)
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
+            if isinstance(module, nn.Conv2d):
+                w = module.weight
+                k_in, k_out, positions = w[0].numel(), w.shape[0], out[0, 0].numel()
+            else:
+                k_in, k_out = args[0].shape[-1], out.shape[-1]
+                positions = out.numel() // (n * k_out)
+            shapes[name] = (k_in, k_out, positions)
+
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
+    try:
+        with torch.no_grad():
+            call(model, data.inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    total = 0.0
+    for name, (k_in, k_out, pos) in shapes.items():
+        p = sum(q.numel() for q in layers[name].parameters(recurse=False))
+        per_sample = 2.0 * n * o * pos * k_in * k_out + (n * o) ** 2 * p
+        factored = (n * pos) ** 2 * k_in + (n * o * pos) ** 2 * k_out + 2.0 * (n * o * pos) ** 2
+        total += min(per_sample, factored)
+    return total
+
+
+def backward_seconds(model: nn.Module, inputs: Any, output_fn: Any) -> float:
+    """Median seconds of one backward pass of the summed outputs (the forward not timed)."""
+    times = []
+    for _ in range(4):
+        model.zero_grad(set_to_none=True)
+        out = call(model, inputs)
+        total = (output_fn(out) if output_fn else out).sum()
+        start = time.perf_counter()
+        total.backward()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def gradient_seconds(module: pl.LightningModule, data: ProbeSet) -> float:
+    """One gradient evaluation of the loss on ``data`` (train mode: BatchNorm batch stats)."""
+    model = copy.deepcopy(module).train()
+
+    def grad() -> None:
+        model.zero_grad(set_to_none=True)
+        default_loss(call(model, data.inputs), data.targets).backward()
+
+    return best_time(grad)
+
+
+def minimum(name: str, cb: Any, module: pl.LightningModule, size: int) -> tuple[float, str]:
+    """``(seconds, note)``: the intrinsic minimum of probe ``name`` (module docstring)."""
+    data: ProbeSet = cb.probe_set
+    model = copy.deepcopy(module).eval()
+    fwd = forward_seconds(model, data.inputs)
+    if name in ("lca", "lca-simpson"):
+        return 2 * gradient_seconds(module, data), "2 gradient evaluations"
+    if name == "selectivity":
+        return fwd, "1 forward"
+    if name == "landscape":
+        points = len(cb.planes) * cb.plane_resolution**2
+        return points * fwd, f"{points} points x 1 forward ({fwd:.3f} s)"
+    if name == "cka":
+        layers = resolve_layers(model, None, inputs=data.inputs)
+        out = cb.output_fn(call(model, data.inputs)) if cb.output_fn else call(model, data.inputs)
+        o = out.shape[-1]
+
+        bwd = backward_seconds(model, data.inputs, cb.output_fn)
+        flops = gram_flops(model, data, layers, o)
+        gram = flops / matmul_rate()
+        note = f"fwd + {o} bwd ({bwd:.3f} s) + {flops / 1e9:.1f} GF Gram ({gram:.2f} s)"
+        return fwd + o * bwd + gram, note
+    trace = trace_model(model, data.inputs, None, True, cb.output_fn, data.targets)
+    points = [trace.points[i] for i in trace.order]
+    prefix = {p.name: prefix_seconds(model, data.inputs, p.module) for p in points}
+    first = points[0]
+    if name == "ablation":
+        masks = cb.num_orderings * (cb.num_points - 2) + 2
+        suffix = max(fwd - prefix[first.name], 0.0)
+        note = f"{masks} masks x suffix {suffix:.3f} s + prefix ({len(points)} points)"
+        return prefix[first.name] + masks * suffix, note
+    if name == "importance":
+        units = sum(p.num_units for p in points)
+        suffix = sum(p.num_units * max(fwd - prefix[p.name], 0.0) for p in points)
+        return fwd + suffix, f"{units} units x their suffix + 1 forward"
+    raise ValueError(name)
+
+
+def nad(module: pl.LightningModule, model_name: str, networks: int) -> tuple[float, float, str]:
+    """``(seconds, minimum, note)`` of the NAD secant basis at 256 networks, scaled."""
+    if model_name != "resnet":
+        raise ValueError("n/a: NADs need real-valued inputs (GPT-2 takes token ids)")
+    shape = (3, 32, 32)
+    d = math.prod(shape)
+    factory = type(module)
+    width = module.conv1.out_channels  # type: ignore[union-attr]
+    start = time.perf_counter()
+    network_gradients(
+        lambda: factory(width), shape, num_networks=networks, generator=torch.Generator()
+    )
+    seconds = (time.perf_counter() - start) / networks * NAD_DEFAULT_NETWORKS
+    model = factory(width).eval()
+    batch = torch.randn(512, *shape)
+    per_sample = forward_seconds(model, batch) / 512
+    minimum = 2 * d * per_sample * NAD_DEFAULT_NETWORKS
+    note = f"256 nets (timed {networks}) x 2·{d} fwd ({per_sample * 1e3:.3f} ms each)"
+    return seconds, minimum, note
