@@ -42,6 +42,7 @@ from lightning_probes.callbacks.state import ProbeState
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import BatchToInputsTargets, ProbeSet, probe_set_from_tensors
 from lightning_probes.core.isolation import isolated
+from lightning_probes.core.precision import computation_dtype
 from lightning_probes.core.validation import check_probe_loss
 
 OnError = Literal["warn", "raise"]
@@ -178,7 +179,8 @@ class ProbeCallback(ProbeState):
         elif self._probe_set is self._given:  # the same user data: one collated copy for all
             self._probe_set = work.given_probe_set(self.probe_data, self._probe_set)
         self._given = None  # no CPU copy kept beyond this point
-        self._probe_set = work.on_device(self._probe_set, pl_module.device)
+        dtype = computation_dtype(pl_module)  # "bf16-true": float32, "64-true": float64
+        self._probe_set = work.on_device(self._probe_set, pl_module.device, dtype)
         check_probe_targets(
             type(self).__name__,
             self._probe_set,

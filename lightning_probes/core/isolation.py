@@ -4,7 +4,8 @@ A probe may run forward and backward passes, switch modes, draw random numbers a
 hooks. :func:`isolated` guarantees that afterwards the model and the process are exactly as
 before: train/eval mode of every submodule, ``requires_grad`` flags, ``.grad`` tensors (the
 same objects, untouched), buffers (BatchNorm running statistics), hooks, and the CPU, CUDA,
-NumPy and Python RNG states.
+NumPy and Python RNG states. Inside, the model computes in float32 or wider whatever precision
+it trains in (:func:`~lightning_probes.core.precision.widened`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_probes.core.precision import widened
+
 _HOOK_DICTS = (
     "_forward_hooks",
     "_forward_pre_hooks",
@@ -29,7 +32,9 @@ _HOOK_DICTS = (
 
 
 @contextmanager
-def isolated(model: nn.Module, *, grad: bool = True, eval_mode: bool = True) -> Iterator[None]:
+def isolated(
+    model: nn.Module, *, grad: bool = True, eval_mode: bool = True, widen: bool = True
+) -> Iterator[None]:
     """Scope in which a probe may use ``model`` freely; everything is restored on exit.
 
     Args:
@@ -38,12 +43,17 @@ def isolated(model: nn.Module, *, grad: bool = True, eval_mode: bool = True) -> 
             :func:`torch.no_grad` (``False``).
         eval_mode: Put the model in ``eval()`` mode inside the scope (dropout off, BatchNorm on
             running statistics); the original mode of every submodule is restored on exit.
+        widen: Make bfloat16/float16 parameters and buffers float32 inside the scope (the
+            same values; :func:`~lightning_probes.core.precision.widened`), so that probes
+            compute in float32 under ``precision="bf16-true"``/``"16-true"``.
 
     Yields:
         Nothing. Inside the scope ``.grad`` of every parameter is ``None`` (a probe calling
-        ``backward`` does not accumulate into the training gradients), autocast is off, so
-        probes compute in the parameters' dtype, and every ``torch.compile``-d submodule runs
-        its original eager module (so the probe's hooks fire and no recompilation is triggered).
+        ``backward`` does not accumulate into the training gradients), autocast is off (under
+        ``"bf16-mixed"``/``"16-mixed"`` the float32 weights compute in float32), narrow
+        weights are widened to float32 (with ``widen``), and every ``torch.compile``-d
+        submodule runs its original eager module (so the probe's hooks fire and no
+        recompilation is triggered).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
@@ -79,6 +89,8 @@ def isolated(model: nn.Module, *, grad: bool = True, eval_mode: bool = True) -> 
             for device_type in ("cpu", "cuda"):
                 if device_type == "cpu" or torch.cuda.is_available():
                     stack.enter_context(torch.autocast(device_type, enabled=False))
+            if widen:
+                stack.enter_context(widened(model))
             yield
     finally:
         for m, forward in compiled:

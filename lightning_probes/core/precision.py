@@ -1,0 +1,138 @@
+r"""Probes compute in float32 or wider, whatever precision the model trains in.
+
+Under ``Trainer(precision="bf16-true")`` or ``"16-true"`` Lightning casts the module's
+parameters and floating buffers to bfloat16 / float16, and the training batches with them. A
+probe's quantities do not survive that arithmetic: bfloat16 resolves a loss near 1 to steps of
+:math:`2^{-7} = 0.0078`, so LCA's loss change of one step (about :math:`10^{-3}`) would be
+noise, and a probe set drawn in float32 does not even meet bfloat16 weights in a matrix
+product ("mat1 and mat2 must have the same dtype").
+
+:func:`widened` is the scope in which a probe evaluates such a model (entered by
+:func:`~lightning_probes.core.isolation.isolated`): every parameter and floating buffer
+narrower than float32 is replaced by a float32 copy. The values are the trained weights
+exactly (every bfloat16 and float16 number is a float32 number); only the arithmetic is wider.
+On exit the original tensors are put back, untouched: same objects, same dtype, same values.
+Floating probe inputs are cast to the :func:`computation_dtype` (:func:`cast_inputs`).
+Weights already in float32 or float64 are left as they are, so a float32 model is probed
+exactly as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_probes.core.data import map_tensors
+
+_TRAINED: dict[int, Tensor] = {}
+"""``id(parameter) -> its original tensor`` for the parameters widened now (see
+:func:`trained_parameters`); entries live exactly as long as their :func:`widened` scope."""
+
+
+def is_narrow(t: Tensor) -> bool:
+    """Whether ``t`` is floating point with fewer than 32 bits (bfloat16, float16, float8)."""
+    return t.is_floating_point() and t.element_size() < 4
+
+
+def computation_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a probe computes ``model`` in: its floating dtype, at least float32.
+
+    The first floating parameter decides (``float64`` under ``"64-true"``, ``float32`` for
+    float32, bfloat16 and float16 weights); ``float32`` for a model without floating parameters.
+
+    Example:
+        >>> computation_dtype(nn.Linear(2, 2).bfloat16())
+        torch.float32
+    """
+    for p in model.parameters():
+        if p.is_floating_point():
+            return torch.promote_types(p.dtype, torch.float32)
+    return torch.float32
+
+
+def cast_inputs(inputs: Any, dtype: torch.dtype) -> Any:
+    """Every floating tensor of ``inputs`` (a tensor, or a dict/tuple/list of them) in ``dtype``.
+
+    Integer tensors (token ids, masks) and other leaves are returned as they are; a tensor
+    already in ``dtype`` is not copied.
+
+    Example:
+        >>> cast_inputs({"x": torch.ones(1, dtype=torch.bfloat16), "ids": torch.ones(1).long()},
+        ...             torch.float32)
+        {'x': tensor([1.]), 'ids': tensor([1])}
+    """
+    return map_tensors(inputs, lambda t: t.to(dtype) if t.is_floating_point() else t)
+
+
+@contextmanager
+def widened(model: nn.Module) -> Iterator[None]:
+    """Scope in which every bfloat16/float16 parameter and buffer of ``model`` is float32.
+
+    Each narrow parameter's data is swapped for a float32 copy (the same ``Parameter`` object,
+    so tied weights stay tied and every reference to it sees the copy); each narrow buffer is
+    re-bound to a float32 copy. On exit the original tensors are bound again: the model is
+    exactly as before, whatever happened inside. Parameters that are not plain tensors (e.g.
+    FSDP2's ``DTensor`` shards) are left as they are. ``.grad`` must be ``None`` on entry
+    (:func:`~lightning_probes.core.isolation.isolated` clears it); it is ``None`` on exit.
+    Within the scope :func:`trained_parameters` gives the original tensors.
+
+    Args:
+        model: The observed network.
+
+    Yields:
+        Nothing.
+
+    Example:
+        >>> net = nn.Linear(2, 2).bfloat16()
+        >>> with widened(net):
+        ...     net.weight.dtype
+        torch.float32
+        >>> net.weight.dtype
+        torch.bfloat16
+    """
+    swapped: list[tuple[nn.Parameter, Tensor]] = []
+    rebound: list[tuple[nn.Module, str, Tensor]] = []
+    try:
+        for p in model.parameters():
+            if is_narrow(p) and type(p.data) is Tensor and id(p) not in _TRAINED:
+                original = p.data
+                p.data = original.to(torch.float32)
+                swapped.append((p, original))
+                _TRAINED[id(p)] = original
+        copies: dict[int, Tensor] = {}  # a buffer bound in two modules gets one copy
+        for m in model.modules():
+            for name, b in list(m._buffers.items()):
+                if b is not None and is_narrow(b) and type(b) is Tensor:
+                    if id(b) not in copies:
+                        copies[id(b)] = b.to(torch.float32)
+                    rebound.append((m, name, b))
+                    m._buffers[name] = copies[id(b)]
+        yield
+    finally:
+        for m, name, b in reversed(rebound):
+            m._buffers[name] = b
+        for p, original in reversed(swapped):
+            p.grad = None  # a float32 .grad cannot stay on the narrow parameter
+            p.data = original
+            _TRAINED.pop(id(p), None)
+
+
+def trained_parameters(model: nn.Module) -> dict[str, Tensor]:
+    """``{name: detached parameter}`` in the dtype it trains in, also inside :func:`widened`.
+
+    For what a probe keeps beyond its run (a copy of the weights for the next step, a
+    checkpoint of them): inside :func:`widened` a parameter is a float32 copy, and keeping
+    that would double the memory of bfloat16 weights; these are the original tensors
+    (read-only: never write into them).
+
+    Example:
+        >>> net = nn.Linear(2, 2).bfloat16()
+        >>> with widened(net):
+        ...     trained_parameters(net)["weight"].dtype
+        torch.bfloat16
+    """
+    return {k: _TRAINED.get(id(p), p).detach() for k, p in model.named_parameters()}
