@@ -42,7 +42,7 @@ from lightning_probes.callbacks.state import ProbeState
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import BatchToInputsTargets, ProbeSet, probe_set_from_tensors
 from lightning_probes.core.isolation import isolated
-from lightning_probes.core.precision import computation_dtype
+from lightning_probes.core.precision import check_output_precision, computation_dtype
 from lightning_probes.core.validation import check_probe_loss
 
 OnError = Literal["warn", "raise"]
@@ -190,6 +190,8 @@ class ProbeCallback(ProbeState):
         with isolated(pl_module, grad=False):
             # configuration errors surface here, once, before any training step
             self.validate(pl_module, self._probe_set)
+            fn, name = getattr(self, "output_fn", None), type(self).__name__
+            check_output_precision(pl_module, self._probe_set, name, fn, trainer.precision)
         self.check_restored_parameters(pl_module)
         self.on_probe_set_ready(trainer, pl_module, self._probe_set)
         if self.evaluates_loss:  # LossFn and OutputFn of the subclass, checked on 2 samples

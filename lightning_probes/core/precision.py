@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_probes.core.data import map_tensors
+from lightning_probes.core.data import ProbeSet, map_tensors, slice_rows
+from lightning_probes.core.evaluation import OutputFn, as_logits, call_model
 
 _TRAINED: dict[int, Tensor] = {}
 """``id(parameter) -> its original tensor`` for the parameters widened now (see
@@ -136,3 +137,45 @@ def trained_parameters(model: nn.Module) -> dict[str, Tensor]:
         torch.bfloat16
     """
     return {k: _TRAINED.get(id(p), p).detach() for k, p in model.named_parameters()}
+
+
+def check_output_precision(
+    model: nn.Module,
+    data: ProbeSet,
+    probe: str,
+    output_fn: OutputFn | None = None,
+    precision: str | None = None,
+) -> None:
+    """Refuse a model whose forward computes in reduced precision itself (at fit start).
+
+    Call inside :func:`widened` (:func:`~lightning_probes.core.isolation.isolated`): weights
+    and inputs are then float32 or wider, so narrower logits on two probe samples mean that
+    ``forward`` casts down or opens an autocast region of its own, and every value the probe
+    computes would carry that rounding. A forward that fails is left to the probe's own
+    checks.
+
+    Args:
+        model: The observed network (widened).
+        data: The probe set, inputs in :func:`computation_dtype`.
+        probe: The probe's name, for the message.
+        output_fn: Maps the model output to logits.
+        precision: The Trainer's ``precision``, for the message.
+
+    Raises:
+        ValueError: Naming the probe, the precision and what to change.
+    """
+    two = slice_rows(data.inputs, 0, min(2, len(data)))
+    try:
+        with torch.no_grad():
+            logits = as_logits(call_model(model, None, two), output_fn)
+    except Exception:  # reported by the probe's own checks, with their hints
+        return
+    if is_narrow(logits):
+        raise ValueError(
+            f"{probe}: under precision={precision!r} the model returns {logits.dtype} logits "
+            "although the probe runs it with float32 weights and inputs: its `forward` casts "
+            "down or opens an autocast region itself, so every value the probe computes would "
+            f"carry {logits.dtype} rounding. Leave precision to the Trainer (`precision=` "
+            '"bf16-true", "bf16-mixed", ...; the probes then compute in float32) and remove the '
+            "cast or autocast from `forward`."
+        )

@@ -17,6 +17,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import TinyClassifier, make_loader, make_trainer, parameters_and_optimizer_state
+from probe_zoo import ZOO
 from reference import reference_kernels
 from torch import nn
 from torch.func import functional_call, grad, jacrev
@@ -299,3 +300,20 @@ def test_training_is_bit_identical_with_and_without_the_probes(tmp_path, precisi
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
     assert {p.dtype for p in module_b.parameters()} == {WEIGHTS[precision]}
     assert all(p.grad is None or p.grad.dtype == WEIGHTS[precision] for p in module_b.parameters())
+
+
+class SelfCasting(TinyClassifier):
+    """Trains in float32, but its forward computes in bfloat16 itself."""
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.net(x)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_a_forward_that_computes_in_bf16_itself_is_refused_at_fit_start(tmp_path, name):
+    pl.seed_everything(0, verbose=False)
+    trainer = make_trainer(tmp_path, [ZOO[name](max_overhead=None)], max_steps=2)
+    with pytest.raises(ValueError, match=r"precision='32-true' the model returns torch.bfloat16"):
+        trainer.fit(SelfCasting(), make_loader())
+    assert trainer.global_step == 0
