@@ -107,7 +107,7 @@ def widened(model: nn.Module) -> Iterator[None]:
         copies: dict[int, Tensor] = {}  # a buffer bound in two modules gets one copy
         for m in model.modules():
             for name, b in list(m._buffers.items()):
-                if b is not None and is_narrow(b) and type(b) is Tensor:
+                if b is not None and is_narrow(b) and type(b.data) is Tensor:
                     if id(b) not in copies:
                         copies[id(b)] = b.to(torch.float32)
                     rebound.append((m, name, b))
