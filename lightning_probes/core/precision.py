@@ -30,7 +30,7 @@ from lightning_probes.core.data import ProbeSet, map_tensors, slice_rows
 from lightning_probes.core.evaluation import OutputFn, as_logits, call_model
 
 _TRAINED: dict[int, Tensor] = {}
-"""``id(parameter) -> its original tensor`` for the parameters widened now (see
+"""``id(float32 copy) -> the original parameter, detached`` while widened (see
 :func:`trained_parameters`); entries live exactly as long as their :func:`widened` scope."""
 
 
@@ -73,12 +73,13 @@ def cast_inputs(inputs: Any, dtype: torch.dtype) -> Any:
 def widened(model: nn.Module) -> Iterator[None]:
     """Scope in which every bfloat16/float16 parameter and buffer of ``model`` is float32.
 
-    Each narrow parameter's data is swapped for a float32 copy (the same ``Parameter`` object,
-    so tied weights stay tied and every reference to it sees the copy); each narrow buffer is
-    re-bound to a float32 copy. On exit the original tensors are bound again: the model is
-    exactly as before, whatever happened inside. Parameters that are not plain tensors (e.g.
-    FSDP2's ``DTensor`` shards) are left as they are. ``.grad`` must be ``None`` on entry
-    (:func:`~lightning_probes.core.isolation.isolated` clears it); it is ``None`` on exit.
+    Each narrow parameter is re-bound, in every module that holds it, to one float32 copy
+    (a new ``Parameter``: tied weights stay tied), and each narrow buffer to a float32 copy. The
+    original ``Parameter`` objects are not touched at all: swapping their ``.data`` to another
+    dtype would reset their gradient accumulators, and with them the hooks DDP (and FSDP,
+    optimizers in backward) registered there, so gradients would no longer be all-reduced. On
+    exit the originals are bound again: the model is exactly as before, whatever happened
+    inside. Tensors that are not plain (e.g. FSDP2's ``DTensor`` shards) are left as they are.
     Within the scope :func:`trained_parameters` gives the original tensors.
 
     Args:
@@ -95,31 +96,34 @@ def widened(model: nn.Module) -> Iterator[None]:
         >>> net.weight.dtype
         torch.bfloat16
     """
-    swapped: list[tuple[nn.Parameter, Tensor]] = []
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     rebound: list[tuple[nn.Module, str, Tensor]] = []
+    wide: dict[int, nn.Parameter] = {}  # one copy per parameter: tied weights stay tied
+    copies: dict[int, Tensor] = {}  # one copy per buffer
     try:
-        for p in model.parameters():
-            if is_narrow(p) and type(p.data) is Tensor and id(p) not in _TRAINED:
-                original = p.data
-                p.data = original.to(torch.float32)
-                swapped.append((p, original))
-                _TRAINED[id(p)] = original
-        copies: dict[int, Tensor] = {}  # a buffer bound in two modules gets one copy
         for m in model.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and is_narrow(p) and type(p.data) is Tensor:
+                    if id(p) not in wide:
+                        copy = nn.Parameter(p.detach().float(), requires_grad=p.requires_grad)
+                        wide[id(p)] = copy
+                        _TRAINED[id(copy)] = p.detach()
+                    swapped.append((m, name, p))
+                    m._parameters[name] = wide[id(p)]
             for name, b in list(m._buffers.items()):
                 if b is not None and is_narrow(b) and type(b.data) is Tensor:
                     if id(b) not in copies:
-                        copies[id(b)] = b.to(torch.float32)
+                        copies[id(b)] = b.float()
                     rebound.append((m, name, b))
                     m._buffers[name] = copies[id(b)]
         yield
     finally:
         for m, name, b in reversed(rebound):
             m._buffers[name] = b
-        for p, original in reversed(swapped):
-            p.grad = None  # a float32 .grad cannot stay on the narrow parameter
-            p.data = original
-            _TRAINED.pop(id(p), None)
+        for m, name, p in reversed(swapped):
+            m._parameters[name] = p
+        for copy in wide.values():
+            _TRAINED.pop(id(copy), None)
 
 
 def trained_parameters(model: nn.Module) -> dict[str, Tensor]:
@@ -136,7 +140,7 @@ def trained_parameters(model: nn.Module) -> dict[str, Tensor]:
         ...     trained_parameters(net)["weight"].dtype
         torch.bfloat16
     """
-    return {k: _TRAINED.get(id(p), p).detach() for k, p in model.named_parameters()}
+    return {k: _TRAINED.get(id(p), p.detach()) for k, p in model.named_parameters()}
 
 
 def check_output_precision(

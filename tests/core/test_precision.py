@@ -121,3 +121,18 @@ def test_lca_of_narrow_weights_integrates_in_float32(dtype):
     torch.testing.assert_close(res.lc["x"].double(), exact, rtol=1e-5, atol=1e-7)
     assert res.true_delta == pytest.approx(float(exact.sum()), rel=1e-12)
     assert res.error < 1e-6
+
+
+def test_gradient_accumulators_and_their_hooks_survive_the_probe():
+    """What DDP relies on: its hooks sit on each parameter's AccumulateGrad node."""
+    model = Tied()
+    p = model.a.weight
+    accumulator = p.view_as(p).grad_fn.next_functions[0][0]
+    fired = []
+    accumulator.register_hook(lambda *args: fired.append(1))
+    with isolated(model):
+        model(torch.randn(3, 4)).sum().backward()  # the probe's backward: on the copies
+    assert fired == []
+    assert p.view_as(p).grad_fn.next_functions[0][0] is accumulator
+    model(torch.randn(3, 4).bfloat16()).sum().backward()  # training's backward
+    assert fired == [1] and p.grad.dtype == torch.bfloat16
