@@ -12,11 +12,15 @@ SCRIPT = Path(__file__).parent / "scripts" / "ddp_fit.py"
 
 
 def run_ddp(
-    tmp_path: Path, spec: str, timeout: int = 300, stderr: list | None = None
+    tmp_path: Path,
+    spec: str,
+    timeout: int = 300,
+    stderr: list | None = None,
+    precision: str = "32-true",
 ) -> tuple[dict, dict]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), spec],
+        [sys.executable, str(SCRIPT), str(tmp_path), spec, precision],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -57,6 +61,19 @@ def test_every_probe_under_ddp_agrees_across_ranks_and_stops_together(tmp_path):
             assert r0["metrics"][key] == r1["metrics"][key], key
     assert r0["states"] == r1["states"]
     assert len(event_files(tmp_path)) == 1
+
+
+def test_every_probe_on_bf16_weights_keeps_the_ranks_in_sync(tmp_path):
+    # probes widen bf16 weights to float32 copies; swapping the parameters' own data would
+    # reset their gradient accumulators, and DDP's all-reduce hooks with them (ranks diverged)
+    r0, r1 = run_ddp(tmp_path, "all_probes", precision="bf16-true")
+    assert r0["global_step"] == r1["global_step"] == 2
+    assert r0["weights"] == r1["weights"]
+    assert {w[-1] for w in r0["weights"].values()} == {"torch.bfloat16"}
+    keys = sorted(k for k in r0["metrics"] if k.startswith("probes/"))
+    assert len({k.split("/")[1] for k in keys}) == 6
+    assert all(r0["metrics"][k] == r1["metrics"][k] for k in keys)
+    assert r0["states"] == r1["states"]
 
 
 def test_a_probe_failing_on_one_rank_neither_deadlocks_nor_hides_its_warning(tmp_path):

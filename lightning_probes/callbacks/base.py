@@ -49,6 +49,7 @@ from lightning_probes.callbacks.strategies import check_strategy, probe_model
 from lightning_probes.core.cost import CostUnits
 from lightning_probes.core.data import BatchToInputsTargets, ProbeSet, probe_set_from_tensors
 from lightning_probes.core.isolation import isolated
+from lightning_probes.core.precision import check_output_precision, computation_dtype
 from lightning_probes.core.validation import check_probe_loss
 
 OnError = Literal["warn", "raise"]
@@ -198,15 +199,13 @@ class ProbeCallback(ProbeState):
         elif self._probe_set is self._given:  # the same user data: one collated copy for all
             self._probe_set = work.given_probe_set(self.probe_data, self._probe_set)
         self._given = None  # no CPU copy kept beyond this point
-        self._probe_set = work.on_device(self._probe_set, pl_module.device)
-        check_probe_targets(
-            type(self).__name__,
-            self._probe_set,
-            needs_targets=self.needs_targets,
-            needs_class_targets=self.needs_class_targets,
-        )
+        dtype = computation_dtype(pl_module)  # "bf16-true": float32, "64-true": float64
+        self._probe_set = work.on_device(self._probe_set, pl_module.device, dtype)
+        check_probe_targets(self, self._probe_set)
         with isolated(pl_module, grad=False):  # configuration errors: once, before training
             self.validate(pl_module, self._probe_set)
+            fn, name = getattr(self, "output_fn", None), type(self).__name__
+            check_output_precision(pl_module, self._probe_set, name, fn, trainer.precision)
         self.check_restored_parameters(pl_module)
         self.on_probe_set_ready(trainer, pl_module, self._probe_set)
         if self.evaluates_loss:  # LossFn and OutputFn of the subclass, checked on 2 samples

@@ -144,17 +144,16 @@ def check_loggers(trainer: Any, owner: str) -> str | None:
     return None
 
 
-def check_probe_targets(
-    owner: str, data: ProbeSet, *, needs_targets: bool, needs_class_targets: bool
-) -> None:
+def check_probe_targets(probe: Any, data: ProbeSet) -> None:
     """Raise ``ValueError`` when a probe's targets are missing or not class labels.
 
     Args:
-        owner: The probe's class name, for the message.
+        probe: The probe: its name for the message, and its ``needs_targets`` and
+            ``needs_class_targets`` (integer class labels: accuracy, class means).
         data: The probe set.
-        needs_targets: The probe needs targets.
-        needs_class_targets: The probe needs integer class labels (accuracy, class means).
     """
+    owner = type(probe).__name__
+    needs_targets, needs_class_targets = probe.needs_targets, probe.needs_class_targets
     if needs_targets and data.targets is None:
         raise ValueError(
             f"{owner} needs targets, but the probe batches have none. Pass "

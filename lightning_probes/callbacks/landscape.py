@@ -50,6 +50,7 @@ from lightning_probes.core.landscape.planes import (
     trainable_parameters,
 )
 from lightning_probes.core.layers import check_layer_spec, select_layers
+from lightning_probes.core.precision import trained_parameters
 from lightning_probes.functional.landscape import (
     OneDimPolicy,
     drift_from_init,
@@ -334,7 +335,7 @@ class LandscapeCallback(ProbeCallback):
         out: dict[str, float | Tensor] = {}
         curves = []
         for lag, (step, kept) in enumerate(reversed(self._kept), start=1):
-            start = {k: v.to(theta[k].device) for k, v in kept.items()}
+            start = {k: v.to(theta[k].device, theta[k].dtype) for k, v in kept.items()}
             t, losses = loss_along_path(
                 pl_module,
                 data,
@@ -347,8 +348,8 @@ class LandscapeCallback(ProbeCallback):
             curves.append((step, t, losses))
         if curves and self.figures_enabled():
             log_segments(trainer, self.key, curves)
-        if self._runs % self.checkpoint_every_n_runs == 0:
-            copy = {k: v.detach().clone() for k, v in theta.items()}
+        if self._runs % self.checkpoint_every_n_runs == 0:  # kept in the training dtype
+            copy = {k: v.clone() for k, v in trained_parameters(pl_module).items() if k in theta}
             self._kept = [*self._kept, (trainer.global_step, copy)][-self.keep_checkpoints :]
         return out
 

@@ -69,6 +69,7 @@ from lightning_probes.core.lca.tracker import (
     loss_buffers,
     use_batch_statistics,
 )
+from lightning_probes.core.precision import trained_parameters
 from lightning_probes.functional.lca import layer_fraction_helped, layer_sums
 
 BatchNormMode = Literal["batch", "running"]
@@ -208,19 +209,6 @@ class LossContributionCallback(ProbeCallback):
         }
 
     @override
-    def on_probe_set_ready(
-        self, trainer: Trainer, pl_module: LightningModule, data: ProbeSet
-    ) -> None:
-        # "64-true"/"bf16-true" convert the model and each batch, not a probe set drawn earlier
-        dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), None)
-        if (
-            dtype is not None
-            and isinstance(data.inputs, Tensor)
-            and data.inputs.is_floating_point()
-        ):
-            self._probe_set = ProbeSet(data.inputs.to(dtype), data.targets)
-
-    @override
     def predict_cost(
         self, pl_module: LightningModule, data: ProbeSet, units: CostUnits
     ) -> float | None:
@@ -300,7 +288,9 @@ class LossContributionCallback(ProbeCallback):
         snapshot = self._before  # θ_t: read-only, dropped once allocated
         assert snapshot is not None
         params = dict(pl_module.named_parameters())
-        after = {k: params[k].detach() for k in snapshot.tensors}
+        # θ_{t+1} in the training dtype (kept as the next θ_t); the allocation widens it
+        trained = trained_parameters(pl_module)
+        after = {k: trained[k] for k in snapshot.tensors}
         if self.batchnorm == "batch":  # the authors' choice; isolated() restores the buffers
             use_batch_statistics(pl_module)
         step = trainer.global_step

@@ -42,6 +42,7 @@ from lightning_probes.core.nad.directions import (
     input_gradient_energy,
     neural_anisotropy_directions,
 )
+from lightning_probes.core.precision import computation_dtype
 from lightning_probes.functional.nad import nad_energy
 
 
@@ -300,7 +301,7 @@ class NADCallback(ProbeCallback):
             self._basis = self._nads.directions.to(x.device)
         data_e, data_total = nad_energy(x, self._basis)
         grad_e, grad_total = input_gradient_energy(
-            pl_module, x.to(_dtype_of(pl_module)), self._basis, output_fn=self.output_fn
+            pl_module, x.to(computation_dtype(pl_module)), self._basis, output_fn=self.output_fn
         )
         top = self._top()
         metrics: dict[str, float] = {}
@@ -345,13 +346,6 @@ class NADCallback(ProbeCallback):
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _dtype_of(module: nn.Module) -> torch.dtype:
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
 
 
 def _to_cpu(nads: NADResult) -> NADResult:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from lightning_probes.core.data import ProbeSet, draw_probe_set
 from lightning_probes.core.device import tensors_equal
+from lightning_probes.core.precision import cast_inputs
 from lightning_probes.core.sharding import full_parameters
 
 
@@ -100,13 +101,22 @@ class SharedWork:
             self._sets[key] = (probe_data, data)
         return _own(self._sets[key][1])
 
-    def on_device(self, data: ProbeSet, device: torch.device) -> ProbeSet:
-        """``data.to(device)``, moved once for every probe holding the same tensors."""
+    def on_device(
+        self, data: ProbeSet, device: torch.device, dtype: torch.dtype | None = None
+    ) -> ProbeSet:
+        """``data.to(device)``, moved once for every probe holding the same tensors.
+
+        With ``dtype``, floating inputs are also cast to it (the model's
+        :func:`~lightning_probes.core.precision.computation_dtype`); targets are not.
+        """
         leaves = _leaves(data.inputs) + ([] if data.targets is None else [data.targets])
-        key = ("device", tuple(map(id, leaves)), device)
+        key = ("device", tuple(map(id, leaves)), device, dtype)
         entry = self._sets.get(key)
         if entry is None:  # the entry keeps the leaves alive, so their ids stay unique
-            entry = self._sets[key] = (leaves, data.to(device))
+            moved = data.to(device)
+            if dtype is not None:
+                moved = ProbeSet(cast_inputs(moved.inputs, dtype), moved.targets)
+            entry = self._sets[key] = (leaves, moved)
             self.device_copies += 1
         return _own(entry[1])
 

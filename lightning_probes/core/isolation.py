@@ -5,7 +5,8 @@ hooks. :func:`isolated` guarantees that afterwards the model and the process are
 before: train/eval mode of every submodule, ``requires_grad`` flags, ``.grad`` tensors (the
 same objects, untouched), buffers (BatchNorm running statistics), hooks, and the CPU, CUDA,
 NumPy and Python RNG states. Inside it, TF32 is off and the GPU kernels are ones that
-support probes (:mod:`~lightning_probes.core.backends`).
+support probes (:mod:`~lightning_probes.core.backends`), and the model computes in float32 or
+wider whatever precision it trains in (:func:`~lightning_probes.core.precision.widened`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from lightning_probes.core.backends import probe_backends
+from lightning_probes.core.precision import widened
 
 _HOOK_DICTS = (
     "_forward_hooks",
@@ -32,7 +34,9 @@ _HOOK_DICTS = (
 
 
 @contextmanager
-def isolated(model: nn.Module, *, grad: bool = True, eval_mode: bool = True) -> Iterator[None]:
+def isolated(
+    model: nn.Module, *, grad: bool = True, eval_mode: bool = True, widen: bool = True
+) -> Iterator[None]:
     """Scope in which a probe may use ``model`` freely; everything is restored on exit.
 
     Args:
@@ -41,6 +45,9 @@ def isolated(model: nn.Module, *, grad: bool = True, eval_mode: bool = True) -> 
             :func:`torch.no_grad` (``False``).
         eval_mode: Put the model in ``eval()`` mode inside the scope (dropout off, BatchNorm on
             running statistics); the original mode of every submodule is restored on exit.
+        widen: Make bfloat16/float16 parameters and buffers float32 inside the scope (the
+            same values; :func:`~lightning_probes.core.precision.widened`), so that probes
+            compute in float32 under ``precision="bf16-true"``/``"16-true"``.
 
     Yields:
         Nothing. Inside the scope ``.grad`` of every parameter is ``None`` (a probe calling
@@ -50,6 +57,11 @@ def isolated(model: nn.Module, *, grad: bool = True, eval_mode: bool = True) -> 
         :func:`~lightning_probes.core.backends.probe_backends` says, and every
         ``torch.compile``-d submodule runs its original eager module (so the probe's hooks fire
         and no recompilation is triggered).
+        ``backward`` does not accumulate into the training gradients), autocast is off (under
+        ``"bf16-mixed"``/``"16-mixed"`` the float32 weights compute in float32), narrow
+        weights are widened to float32 (with ``widen``), and every ``torch.compile``-d
+        submodule runs its original eager module (so the probe's hooks fire and no
+        recompilation is triggered).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
@@ -87,6 +99,8 @@ def isolated(model: nn.Module, *, grad: bool = True, eval_mode: bool = True) -> 
                     stack.enter_context(torch.autocast(device_type, enabled=False))
             rnn = any(isinstance(m, nn.RNNBase) for m in model.modules())
             stack.enter_context(probe_backends(rnn=rnn))
+            if widen:
+                stack.enter_context(widened(model))
             yield
     finally:
         for m, forward in compiled:

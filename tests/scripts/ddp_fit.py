@@ -4,8 +4,9 @@ Run as a script: ``strategy="ddp"`` re-launches this file once per extra rank. E
 ``<out>/rank<r>.json`` with its ``callback_metrics`` and every probe's ``state_dict`` (tensors
 as lists), so the test can check that both ranks agree and that artefacts were written once.
 
-Usage: python ddp_fit.py OUT_DIR PROBES_SPEC
-PROBES_SPEC is the name of a factory in ``ddp_probes.py``.
+Usage: python ddp_fit.py OUT_DIR PROBES_SPEC [PRECISION]
+PROBES_SPEC is the name of a factory in ``ddp_probes.py``; PRECISION the Trainer's (default
+"32-true"). The record also holds every trained weight (and its dtype).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> None:
     trainer = pl.Trainer(
         default_root_dir=str(out),
         strategy="ddp",
+        precision=sys.argv[3] if len(sys.argv) > 3 else "32-true",
         accelerator="cpu",
         devices=2,
         max_steps=max_steps,
@@ -58,11 +60,13 @@ def main() -> None:
         enable_checkpointing=False,
         num_sanity_val_steps=0,
     )
-    trainer.fit(TinyClassifier(), make_loader(n=128, batch_size=16))
+    module = TinyClassifier()
+    trainer.fit(module, make_loader(n=128, batch_size=16))
     record = {
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "states": {type(p).__name__: as_plain(p.state_dict()) for p in probes},
         "global_step": trainer.global_step,
+        "weights": {k: [*as_plain(v), str(v.dtype)] for k, v in module.state_dict().items()},
         "should_stop": bool(trainer.should_stop),
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

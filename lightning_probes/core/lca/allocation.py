@@ -107,7 +107,10 @@ def loss_change_allocation(
         loss_fn: ``params -> scalar loss`` (``params`` holds every name of ``before``). The
             full-batch loss on the LCA set; differentiated with autograd. May be ``None`` when
             ``loss_and_grad`` is given.
-        before: :math:`\theta_t`, ``{name: tensor}``.
+        before: :math:`\theta_t`, ``{name: tensor}``. bfloat16/float16 weights are evaluated
+            in float32 (``loss_fn`` receives float32 tensors: the end points exactly, and the
+            points between unrounded), so the allocation sums to the float32 loss change of
+            those weights; gradients and LC are float32 or wider.
         after: :math:`\theta_{t+1}`, the same names and shapes.
         method: ``"first_order"`` (gradient at :math:`\theta_t`), ``"simpson"`` (``splits``
             fixed; 2 is the paper's "RK4") or ``"adaptive"`` (start at ``splits``, double until
@@ -156,7 +159,7 @@ def loss_change_allocation(
     evals = 0
     loss0: Tensor | float
     if start is None:
-        loss0, g0 = grad_fn(dict(before))
+        loss0, g0 = grad_fn(_widened(before, acc_dtype))
         evals += 1
     else:
         loss0, g0 = start
@@ -175,10 +178,13 @@ def loss_change_allocation(
     def add_grad_at(s: float, out: dict[str, Tensor], weight: float) -> None:
         nonlocal evals
         for k in names:
+            # the point in float32 or wider: bf16 weights' segment is not rounded to bf16
+            a, b = before[k].to(acc_dtype[k]), after[k].to(acc_dtype[k])
             if k in point:
-                torch.lerp(before[k], after[k], s, out=point[k])
+                torch.lerp(a, b, s, out=point[k])
             else:
-                point[k] = torch.lerp(before[k], after[k], s)
+                point[k] = torch.lerp(a, b, s)
+            del a, b
         accumulate_grad(grad_fn, point, out, weight)
         evals += 1
 
@@ -188,8 +194,8 @@ def loss_change_allocation(
         point.clear()  # θ_{t+1} is ``after`` itself: no buffer
         evals += 1
         if not keep_grad_after:
-            return accumulate_grad(grad_fn, dict(after), out, 1.0), None
-        loss1, g1 = grad_fn(dict(after))
+            return accumulate_grad(grad_fn, _widened(after, acc_dtype), out, 1.0), None
+        loss1, g1 = grad_fn(_widened(after, acc_dtype))
         for k in names:
             out[k].add_(g1[k])
         return loss1, g1
@@ -198,10 +204,10 @@ def loss_change_allocation(
     g1: dict[str, Tensor] | None
     if method == "first_order":
         if keep_grad_after:
-            loss1, g1 = grad_fn(dict(after))
+            loss1, g1 = grad_fn(_widened(after, acc_dtype))
             evals += 1
         else:
-            loss1, g1 = loss_only(loss_fn, grad_fn, after), None
+            loss1, g1 = loss_only(loss_fn, grad_fn, _widened(after, acc_dtype)), None
         _to_lc(acc, before, after, 1)
         return _result(acc, loss0, loss1, 1, evals, g1)
 
@@ -235,6 +241,11 @@ def loss_change_allocation(
     del odd
     _to_lc(acc, before, after, 3 * n)
     return _result(acc, loss0, loss1, n, evals, g1)
+
+
+def _widened(params: Mapping[str, Tensor], dtypes: Mapping[str, torch.dtype]) -> dict[str, Tensor]:
+    """``params`` in ``dtypes`` (float32 or wider): copies of bfloat16/float16 tensors only."""
+    return {k: v if v.dtype == dtypes[k] else v.to(dtypes[k]) for k, v in params.items()}
 
 
 def _result(
