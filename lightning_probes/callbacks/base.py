@@ -38,6 +38,7 @@ from lightning_probes.callbacks.checks import (
     check_probe_targets,
     failure_warning,
 )
+from lightning_probes.callbacks.progress import shown_in_progress_bar
 from lightning_probes.callbacks.schedule import ProbeSchedule
 from lightning_probes.callbacks.shared import (
     draw_shared_probe_set,
@@ -387,7 +388,8 @@ class ProbeCallback(ProbeState):
                 with isolated(model, grad=self.needs_grad):
                     self.probe(trainer, model, data)
 
-            memory.run_retrying(attempt, self, len(data), device, self._warn_once)  # OOM: retried
+            with shown_in_progress_bar(trainer, type(self).__name__):  # in Lightning's bar
+                memory.run_retrying(attempt, self, len(data), device, self._warn_once)  # OOM
             self._runs += 1
         except Exception as err:  # NaN/inf: skipped; else warned, or raised with "raise"
             self._failed = True
