@@ -32,6 +32,7 @@ __all__ = [
     "is_out_of_memory",
     "needed_bytes",
     "off_on_another_rank",
+    "out_of_memory_in",
     "out_of_memory_message",
     "prepare_or_out_of_memory",
     "release_memory",
@@ -226,20 +227,47 @@ def weights_before_step(
         Exception: Errors other than an OOM, and an OOM under ``on_error="raise"``.
     """
     device = next(iter(model.parameters())).device
-    try:
-        return shared_work(trainer).before_step(model, step)
-    except Exception as err:
-        if not is_out_of_memory(err) or probe.on_error == "raise":
-            raise
-        lead = f"{type(probe).__name__} ran out of memory copying the weights before step {step}"
-        message = out_of_memory_message(lead, err, device)
-    release_memory(device)
+    copied: list[WeightSnapshot] = []
+    failed = out_of_memory_in(
+        lambda: copied.append(shared_work(trainer).before_step(model, step)),
+        probe,
+        device,
+        f"copying the weights before step {step}",
+    )
+    if failed is None:
+        return copied[0]
     warn(
         "oom-weights",
-        message + "\nThe memory was freed and training continues; the probe "
+        failed + "\nThe memory was freed and training continues; the probe "
         "skips the steps whose copy does not fit (this warning is shown once).",
     )
     return None
+
+
+def out_of_memory_in(
+    work: Callable[[], object], probe: Any, device: torch.device | None, where: str
+) -> str | None:
+    """Run ``work``: ``None``, or, after an OOM, the memory freed and the message to give.
+
+    Args:
+        work: The probe's work.
+        probe: The probe (its name; ``on_error="raise"`` re-raises).
+        device: The model's device.
+        where: What ran out, e.g. ``"in its fit-start work"``.
+
+    Raises:
+        Exception: Errors other than an OOM, and an OOM under ``on_error="raise"``.
+    """
+    try:
+        work()
+        return None
+    except Exception as err:
+        if not is_out_of_memory(err) or probe.on_error == "raise":
+            raise
+        lead = f"{type(probe).__name__} ran out of memory {where}"
+        message = out_of_memory_message(lead, err, device)
+    release_memory(device)  # outside the except block: the failed frames are gone
+    return message
 
 
 def prepare_or_out_of_memory(
@@ -256,18 +284,15 @@ def prepare_or_out_of_memory(
         Exception: Errors other than an OOM (configuration errors stop ``fit``), and an OOM
             under ``on_error="raise"``.
     """
-    try:
-        prepare()
-        return None
-    except Exception as err:
-        if not is_out_of_memory(err) or probe.on_error == "raise":
-            raise
-        lead = f"{type(probe).__name__} ran out of memory in its fit-start work"
-        message = out_of_memory_message(lead, err, device)
-    release_memory(device)
-    return message + (
-        "\nThe memory was freed and training continues; the probe is off for this fit "
-        "(pass a smaller `probe_size`, or a smaller chunk setting where the probe has one)."
+    failed = out_of_memory_in(prepare, probe, device, "in its fit-start work")
+    return (
+        None
+        if failed is None
+        else failed
+        + (
+            "\nThe memory was freed and training continues; the probe is off for this fit "
+            "(pass a smaller `probe_size`, or a smaller chunk setting where the probe has one)."
+        )
     )
 
 
