@@ -70,8 +70,13 @@ def make_probe(name: str, model: str, size: int, gpt2_outputs: int) -> pl.Callba
         return lp.LossContributionCallback(method="simpson", **common)
     if name == "cka":
         extra: dict[str, Any] = {}
-        if model == "gpt2":  # the last position's logits, the first `gpt2_outputs` of them
+        if model == "gpt2":  # the last position's logits, the first `gpt2_outputs` of them,
+            # and one label per sample: the next token at the end (README, "Real models")
             extra["output_fn"] = last_position if gpt2_outputs == 100 else first_ten_logits
+            extra["batch_to_inputs_targets"] = lambda b: (
+                b["input_ids"],
+                b["labels"][:, -1] % gpt2_outputs,  # a class of the selected subset
+            )
         return lp.LayerCKACallback(**common, **extra)
     if name == "ablation":
         return lp.AblationAUCCallback(**common)
