@@ -10,7 +10,9 @@ For each probe (its callback at its default settings, ``max_overhead=None``, in 
 training steps of the same model (a real forward, backward and optimizer step, timed here), and
 its ratio to what the method must compute, measured in the same process:
 
-- ``lca`` (adaptive, the default) and ``lca-simpson``: two gradient evaluations on the LCA set;
+- ``lca-simpson``: two gradient evaluations on the LCA set; ``lca`` (adaptive, the default):
+  ``splits + 1`` gradient evaluations, the splits its tolerance rule chose in the last run
+  (capped at 8; Simpson's 2 when the rule needs no refinement);
 - ``cka`` (layer tangent kernels): one forward, ``o`` backward passes of the probe set, plus the
   Gram products' flops (per layer the cheaper of ``(n·o)²·P`` through per-sample gradients
   and the forward/backward factor route) at the matmul rate measured here;

@@ -264,7 +264,12 @@ def minimum(name: str, cb: Any, module: pl.LightningModule, size: int) -> tuple[
     model = copy.deepcopy(module).eval()
     fwd = forward_seconds(model, data.inputs)
     if name in ("lca", "lca-simpson"):
-        return 2 * gradient_seconds(module, data), "2 gradient evaluations"
+        grad = gradient_seconds(module, data)
+        if name == "lca" and len(cb.history):  # adaptive: what its tolerance rule required
+            splits = int(cb.history[-1, 5])
+            note = f"{splits + 1} gradient evaluations ({splits} splits by its rule; Simpson: 2)"
+            return (splits + 1) * grad, note
+        return 2 * grad, "2 gradient evaluations"
     if name == "selectivity":
         return fwd, "1 forward"
     if name == "landscape":
