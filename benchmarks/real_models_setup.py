@@ -10,8 +10,10 @@ import contextlib
 import copy
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -26,6 +28,9 @@ from lightning_probes.core.interventions import trace_model
 from lightning_probes.core.kernels.tangent import resolve_layers
 from lightning_probes.core.nad import network_gradients
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import real_models
+
 VOCAB, TOKENS = 100, 64
 NAD_DEFAULT_NETWORKS = 256
 
@@ -35,57 +40,11 @@ class _Module(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
-class BasicBlock(nn.Module):
-    """torchvision's ResNet ``BasicBlock`` (conv-bn-relu-conv-bn, identity or 1x1 downsample)."""
+class ResNet18(real_models.ResNet18):
+    """The tests' ResNet-18 (torchvision ``BasicBlock``s, CIFAR stem, ``width`` channels),
+    trained here with momentum like the other benchmark models."""
 
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += identity
-        return self.relu(out)
-
-
-class ResNet18(_Module):
-    """ResNet-18 (2-2-2-2 basic blocks) for 3x32x32 inputs, CIFAR stem, ``width`` channels."""
-
-    def __init__(self, width: int = 8, classes: int = 10) -> None:
-        super().__init__()
-        w = width
-        self.conv1 = nn.Conv2d(3, w, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(w)
-        self.relu = nn.ReLU(inplace=True)
-        stages, cin = [], w
-        for i, cout in enumerate([w, 2 * w, 4 * w, 8 * w]):
-            stages.append(
-                nn.Sequential(BasicBlock(cin, cout, 1 if i == 0 else 2), BasicBlock(cout, cout))
-            )
-            cin = cout
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(self.pool(x).flatten(1))
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
+    configure_optimizers = _Module.configure_optimizers
 
 
 class GPT2(_Module):
