@@ -104,21 +104,30 @@ def shrink_chunks(probe: Any, samples: int) -> str | None:
         ``"chunk_size=32"`` (say) once halved, or ``None`` when there is nothing to halve
         (no such setting, or already one sample / 1 KiB per pass).
     """
-    for name in CHUNK_SETTINGS:
-        if not hasattr(probe, name):
-            continue
-        value = getattr(probe, name)
-        if name == "chunk_size":
-            current = samples if value is None else min(int(value), samples)
-            if current <= 1:
-                return None
-            setattr(probe, name, current // 2)
-        else:
-            if value is None or int(value) <= 1024:
-                return None
-            setattr(probe, name, int(value) // 2)
-        return f"{name}={getattr(probe, name)}"
-    return None
+    name = _chunk_setting(probe)
+    if name is None:
+        return None
+    value = getattr(probe, name)
+    if name == "chunk_size":
+        current = samples if value is None else min(int(value), samples)
+        if current <= 1:
+            return None
+        setattr(probe, name, current // 2)
+    else:
+        if value is None or int(value) <= 1024:
+            return None
+        setattr(probe, name, int(value) // 2)
+    return _setting(probe)
+
+
+def _chunk_setting(probe: Any) -> str | None:
+    """The name of the probe's chunk setting, the first of :data:`CHUNK_SETTINGS` it has."""
+    return next((name for name in CHUNK_SETTINGS if hasattr(probe, name)), None)
+
+
+def _setting(probe: Any) -> str | None:
+    name = _chunk_setting(probe)
+    return None if name is None else f"{name}={getattr(probe, name)}"
 
 
 class ProbeOutOfMemoryError(RuntimeError):
@@ -179,7 +188,8 @@ def run_retrying(
         Exception: What ``run`` raised, when it is not an OOM.
     """
     first: str | None = None
-    original = {name: getattr(probe, name) for name in CHUNK_SETTINGS if hasattr(probe, name)}
+    name = _chunk_setting(probe)
+    original = None if name is None else getattr(probe, name)
     for retry in range(MAX_RETRIES + 1):
         try:
             run()
@@ -193,8 +203,8 @@ def run_retrying(
         release_memory(device)
         if retry == MAX_RETRIES or shrink_chunks(probe, samples) is None:
             tried = _setting(probe)
-            for name, value in original.items():  # smaller chunks did not help: undone
-                setattr(probe, name, value)
+            if name is not None:  # smaller chunks did not help: undone
+                setattr(probe, name, original)
             raise ProbeOutOfMemoryError(report, needed, tried)
     if first is not None:
         warn(
@@ -202,13 +212,6 @@ def run_retrying(
             f"{first}\nThe memory was freed and the run retried with `{_setting(probe)}`, "
             "which fits and is kept for later runs (pass it to the probe to start there).",
         )
-
-
-def _setting(probe: Any) -> str | None:
-    for name in CHUNK_SETTINGS:
-        if hasattr(probe, name):
-            return f"{name}={getattr(probe, name)}"
-    return None
 
 
 def weights_before_step(

@@ -163,3 +163,22 @@ def test_lca_keeps_its_weight_copy_for_the_retry_and_gives_the_same_allocation(t
     assert isinstance(a, RecordingLogger) and isinstance(b, RecordingLogger)
     assert b.steps_of("probes/lca/lc") == [1, 2, 3, 4]
     assert b.values_of("probes/lca/lc") == pytest.approx(a.values_of("probes/lca/lc"), rel=1e-6)
+
+
+def test_a_run_that_never_fits_is_skipped_and_its_setting_restored():
+    from lightning_probes.callbacks.memory import (
+        MAX_RETRIES,
+        ProbeOutOfMemoryError,
+        run_retrying,
+    )
+
+    probe, attempts, warned = LandscapeCallback(chunk_size=64), [], []
+
+    def run():
+        attempts.append(probe.chunk_size)
+        allocate_a_pebibyte()
+
+    with pytest.raises(ProbeOutOfMemoryError, match=r"1024.00 TiB.*even with `chunk_size=1`"):
+        run_retrying(run, probe, 256, None, lambda tag, msg: warned.append(msg))
+    assert attempts == [64, 32, 16, 8, 4, 2, 1][: MAX_RETRIES + 1]
+    assert probe.chunk_size == 64 and warned == []
