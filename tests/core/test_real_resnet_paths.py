@@ -53,3 +53,25 @@ def test_stable_rank_of_a_narrow_resnet_conv_equals_the_full_kernels_spectrum():
     kc = center_kernel(kernel, 3)
     want = kc.square().sum() / torch.linalg.eigvalsh(kc).abs().max() ** 2
     torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+
+
+def test_statistics_of_a_float32_narrow_resnet_conv_equal_float64_references():
+    """A float32 J's P x P Gram is formed in float32 (sums in float64): float32-accurate."""
+    net = resnet()
+    x = torch.randn(120, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 3, (120,))
+    name = "layer2.0.conv1"  # narrow: P = 288 < n·o = 360
+    got = layer_alignments(net.float(), x.float(), y, layers=[name])[name]
+    (kernel,) = reference_kernels(net.double(), x, [name]).values()
+    kc = center_kernel(kernel, 3)
+    yc = torch.nn.functional.one_hot(y, 3).double()
+    yc = (yc - yc.mean(0)).reshape(-1)
+    frob = kc.square().sum().sqrt()
+    want = {
+        "alignment": yc @ kc @ yc / (frob * yc.square().sum()),
+        "trace": kernel.trace(),
+        "frobenius": frob,
+        "stable_rank": frob**2 / torch.linalg.eigvalsh(kc).abs().max() ** 2,
+    }
+    for key, value in want.items():
+        torch.testing.assert_close(getattr(got, key), value, rtol=2e-5, atol=0, msg=key)

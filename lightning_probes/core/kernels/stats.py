@@ -30,7 +30,6 @@ from lightning_probes.functional.alignment import (
     Centering,
     center,
     centered_labels,
-    spectral_norm_symmetric,
 )
 from lightning_probes.functional.linalg import self_gram, top_abs_eigenvalue
 
@@ -148,25 +147,33 @@ def _statistics_from_rows(
     With :math:`J_c = C J` (centred over samples per output, or over all rows), :math:`K_c =
     J_c J_c^T` shares its non-zero spectrum with the ``P x P`` Gram :math:`G = J_c^T J_c`:
     :math:`\|K_c\|_F = \|G\|_F`, :math:`\|K_c\|_2 = \lambda_{max}(G)` (``eigvalsh`` up to
-    ``P = 128``, above by block Lanczos to a relative 1e-10),
+    ``P = 128``, above by block Lanczos to a relative 1e-10, or 10 ulps of a float32 ``J``),
     :math:`\tilde y^T K_c \tilde y = \|J_c^T \tilde y\|^2` and
     :math:`\operatorname{Tr} K = \|J\|_F^2`; :math:`(n o)^2` kernel entries are never formed.
     """
     f64 = torch.float64
     n, o = y.shape
-    j = rows.to(f64)
-    trace = j.square().sum()
-    jc = center(j.view(n, o, -1), centering).view(n * o, -1)
+    # in J's own dtype, as the wide path forms K (a float32 J's kernel is float32-accurate
+    # anyway, and its Gram costs half); every sum of squares accumulates in float64
+    trace = rows.square().sum(dtype=f64)
+    jc = center(rows.view(n, o, -1), centering).view(n * o, -1)
     gram = self_gram(jc.T)
-    frob2 = gram.square().sum()
+    frob2 = gram.square().sum(dtype=f64)
     frob = frob2.sqrt()
-    quad = (jc.T @ y.reshape(-1).to(f64)).square().sum()
+    quad = (jc.T @ y.reshape(-1).to(jc.dtype)).square().sum(dtype=f64)
     alignment = quad / (frob * y.square().sum())
-    rank = torch.tensor(float("nan"), dtype=f64, device=j.device)
+    rank = torch.tensor(float("nan"), dtype=f64, device=rows.device)
     if stable_rank:
         # the top eigenvalue only: block Lanczos above 128 (the full spectrum of a 2304 x 2304
         # float64 Gram costs more than the layer's kernel statistics)
-        rank = frob2 / spectral_norm_symmetric(gram, tol=1e-10) ** 2
+        if gram.shape[0] <= 128:
+            top = torch.linalg.eigvalsh(gram.to(f64)).abs().max()
+        else:
+            top = top_abs_eigenvalue(
+                _native_matmul(gram), gram.shape[0], dtype=f64, device=gram.device,
+                tol=_eigen_tol(gram.dtype),
+            )  # fmt: skip
+        rank = frob2 / top**2
     return KernelStatistics(alignment, frob, trace, quad, rank, None)
 
 
