@@ -18,11 +18,15 @@ consumes the first point is not re-run per mask (each unit's contribution is com
 subtracted), and a later point's own layer computes only the outputs kept at its point from
 the inputs kept at the previous point.
 
-A model that mixes the prefix with the expanded batch (a skip connection around the first
-point, e.g. a ResNet block's downsample branch) expands instead the input of the innermost
-module enclosing the first point whose remainder runs on the expanded batch and gives the same
-logits as the plain model (checked on two samples): the block, so only the block and what
-follows it run per mask. Without such a module the model's inputs are expanded (a warning).
+A model that mixes the prefix with the expanded batch first gets the per-sample arguments of
+the modules called after the point repeated with the batch (:mod:`~lightning_probes.core.
+interventions.repair`: BERT's attention mask and the residual ``BertOutput`` adds back), if
+that gives each mask's own logits (checked on two samples and two masks). Otherwise (a skip
+connection added inline around the point, e.g. a ResNet block's ``out += identity``) it expands
+the input of the innermost module enclosing the first point whose remainder runs on the
+expanded batch and gives the same logits as the plain model (checked on two samples): the
+block, so only the block and what follows it run per mask. Without such a module the model's
+inputs are expanded (a warning).
 
 Index letters: ``M`` masks, ``n`` samples, ``u`` units of a point.
 """
@@ -46,6 +50,11 @@ from lightning_probes.core.interventions.accuracy import (
 )
 from lightning_probes.core.interventions.inputs import num_samples, repeat_samples, run, take
 from lightning_probes.core.interventions.masks import Masks, sum_is_finite
+from lightning_probes.core.interventions.repair import (
+    PerSampleArguments,
+    per_sample_arguments,
+    repeated_arguments,
+)
 from lightning_probes.core.interventions.shortcuts import (
     ShortcutPath,
     shortcut_outputs,
@@ -108,6 +117,10 @@ def evaluate_interventions(
         )
     n = num_samples(inputs)
     error = _prefix_error(model, inputs, trace, output_fn) if num_masks > 1 else None
+    repair = None
+    if error is not None:
+        repair = _working_repair(model, inputs, trace, apply, masks, output_fn, shortcut_path)
+        error = None if repair else error
     expand = error is not None
     at = expansion_point(model, inputs, trace, output_fn) if expand else None
     if expand:
@@ -145,6 +158,7 @@ def evaluate_interventions(
                 memory_budget=memory_budget,
                 cache=cache,
                 shortcut_path=shortcut_path,
+                repair=repair,
             )
             if s0 == 0 and m0 == 0:
                 check_targets(logits[:rows], y)
@@ -211,6 +225,34 @@ def _prefix_error(
     return None
 
 
+def _working_repair(
+    model: nn.Module,
+    inputs: Any,
+    trace: Trace,
+    apply: Apply,
+    masks: Masks | None,
+    output_fn: OutputFn | None,
+    shortcut_path: ShortcutPath,
+) -> PerSampleArguments | None:
+    """The per-sample arguments to repeat, if the expanded pass then gives each mask's logits.
+
+    Checked on two samples with the first two masks (the shortcut included) against one pass
+    per mask, which expands nothing.
+    """
+    arguments = per_sample_arguments(model, inputs)
+    if not arguments:
+        return None
+    x = take(inputs, 0, 2)
+    call = partial(_run, model, x, trace, apply, masks=masks, expand_inputs=False,
+                   output_fn=output_fn, shortcut_path=shortcut_path)  # fmt: skip
+    try:
+        expanded = call(slice(0, 2), repair=arguments)
+        one_by_one = torch.cat([call(slice(k, k + 1)) for k in (0, 1)])
+    except (RuntimeError, BatchMismatchError):
+        return None
+    return arguments if torch.allclose(expanded, one_by_one, 1e-4, 1e-5) else None
+
+
 def _record_input_size(seen: list[int], module: nn.Module, args: tuple[Any, ...]) -> None:
     if args and isinstance(args[0], Tensor):
         seen.append(args[0][0].numel())
@@ -275,6 +317,7 @@ def _run(
     memory_budget: int = 2**25,
     cache: dict[str, Tensor | None] | None = None,
     shortcut_path: ShortcutPath = "auto",
+    repair: PerSampleArguments | None = None,
 ) -> Tensor:
     m, n = sl.stop - sl.start, num_samples(x)
     first = trace.points[trace.order[0]]
@@ -284,7 +327,10 @@ def _run(
     sparse = trace.sparse if masks is not None and m > 1 else {}
     per_unit = {} if cache is None else cache  # the shortcut's unit contributions
 
+    started = [False]  # the first point has run: `repair` repeats arguments from here on
+
     def intervene(name: str, out: Tensor) -> Tensor:
+        started[0] = started[0] or name == first.name
         if name in sparse:  # ran on an empty batch; compute the kept units only
             assert masks is not None
             module, i, j = sparse[name]
@@ -331,8 +377,11 @@ def _run(
     handles = [mod.register_forward_pre_hook(make_stash(nm)) for nm, (mod, _, _) in sparse.items()]
     if expand_inputs and expand_at is not None:
         handles.append(expand_at.register_forward_pre_hook(expand, with_kwargs=True))
+    repeats = repeated_arguments(
+        model, repair or {}, m, n, lambda: started[0], lambda t: t is held.get("h")
+    )
     try:
-        with torch.no_grad(), replace_output(modules, intervene):
+        with torch.no_grad(), replace_output(modules, intervene), repeats:
             logits = as_logits(run(model, inputs), output_fn)
     finally:
         for handle in handles:

@@ -248,9 +248,12 @@ def unit_ablation_impact(
 
     .. math:: \Delta L_j = L(\text{unit } j \text{ clamped}) - L(\text{intact})
 
-    All :math:`U` single-unit ablations run as masks of one vectorised evaluation (shared
-    prefix, expanded batch; see :mod:`lightning_probes.core.interventions`). The paper (sec. 3.4)
-    measures it on the test loss of networks trained on true labels.
+    The :math:`u` single-unit ablations of each point run as masks of one vectorised
+    evaluation (shared prefix, expanded batch; see :mod:`lightning_probes.core.interventions`),
+    point by point: a unit's mask then runs the network from its own point (or the block
+    enclosing it) on, not from the first point of all (a unit of the last layer would re-run
+    every earlier layer per mask). The paper (sec. 3.4) measures it on the test loss of
+    networks trained on true labels.
 
     Args:
         model: The classifier (eval mode).
@@ -268,23 +271,25 @@ def unit_ablation_impact(
     if value not in ("zero", "mean"):
         raise ValueError(f"`value` can be 'zero' or 'mean', got {value!r}.")
     trace = trace_model(model, inputs, layers, follow_activation, output_fn, targets)
-    sizes = [p.num_units for p in trace.points]
-    total = sum(sizes)
-    keep = torch.ones(total + 1, total, dtype=torch.bool, device="cpu")  # moved by build_masks
-    keep[1:].fill_diagonal_(False)  # row 0: intact; row 1 + j: unit j ablated
-    masks = build_masks(model, inputs, trace, keep, value)
-    _, loss = evaluate_interventions(
-        model,
-        inputs,
-        targets,
-        trace,
-        total + 1,
-        masks,
-        masks=masks,
-        with_loss=True,
-        output_fn=output_fn,
-        memory_budget=memory_budget,
-    )
-    assert loss is not None
-    impact = (loss[1:] - loss[0]).split(sizes)
-    return {p.layer: d for p, d in zip(trace.points, impact)}
+    impact = {}
+    for point in trace.points:
+        own = trace_model(model, inputs, [point.layer], follow_activation, output_fn, targets)
+        units = point.num_units
+        keep = torch.ones(units + 1, units, dtype=torch.bool, device="cpu")  # moved by build_masks
+        keep[1:].fill_diagonal_(False)  # row 0: intact; row 1 + j: unit j ablated
+        masks = build_masks(model, inputs, own, keep, value)
+        _, loss = evaluate_interventions(
+            model,
+            inputs,
+            targets,
+            own,
+            units + 1,
+            masks,
+            masks=masks,
+            with_loss=True,
+            output_fn=output_fn,
+            memory_budget=memory_budget,
+        )
+        assert loss is not None
+        impact[point.layer] = loss[1:] - loss[0]
+    return impact
