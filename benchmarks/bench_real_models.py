@@ -3,7 +3,11 @@
 Models (built here, no download): a torchvision-style ResNet-18 for 3x32x32 inputs (CIFAR stem,
 ``--width`` channels in the first stage; 64 is torchvision's) with a probe set of 256, trained
 on batches of 128; HF ``GPT2LMHeadModel`` from a config (4 layers, width 256, 4 heads, 64
-tokens, vocabulary 100) with a probe set of 64 sequences, trained on batches of 16.
+tokens, vocabulary 100) with a probe set of 64 sequences, trained on batches of 16; HF
+``BertForSequenceClassification`` (4 layers, width 128, feed-forward 512 with ReLU units, 32
+tokens with attention masks, 10 classes, dict batches) with a probe set of 64, batches of 16.
+Selectivity on BERT reads the feed-forward ReLU units (``layers=BERT_UNITS``): its defaults
+include the pooler's tanh, which selectivity refuses (a negative activity).
 
 For each probe (its callback at its default settings, ``max_overhead=None``, in a real
 ``Trainer``) the benchmark prints the seconds of one run (the last of ``--runs``), that cost in
@@ -28,7 +32,8 @@ its ratio to what the method must compute, measured in the same process:
 Targets (printed, not asserted): every probe within 2x its minimum on both models.
 GPT-2's CKA uses the last position's logits (``output_fn=lambda out: out[:, -1]``, o = 100
 outputs) or, by default, the class-subset recipe (``out[:, -1, :10]``): ``--gpt2-outputs``.
-Run: ``python benchmarks/bench_real_models.py [--models resnet gpt2] [--probes ...] [--quick]``.
+Run: ``python benchmarks/bench_real_models.py [--models resnet gpt2 bert] [--probes ...]
+[--quick]``.
 The machine may be shared: read the ratios (measured in one process), not absolute times.
 """
 
@@ -46,8 +51,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from real_models_setup import (
+    BERT_UNITS,
     NullLogger,
     ResNet18,
+    bert_model,
+    class_token_loader,
     gpt2_model,
     image_loader,
     minimum,
@@ -82,10 +90,11 @@ def make_probe(name: str, model: str, size: int, gpt2_outputs: int) -> pl.Callba
         return lp.LayerCKACallback(**common, **extra)
     if name == "ablation":
         return lp.AblationAUCCallback(**common)
+    units = {"layers": BERT_UNITS} if model == "bert" else {}
     if name == "selectivity":
-        return lp.SelectivityCallback(**common)
+        return lp.SelectivityCallback(**units, **common)
     if name == "importance":
-        return lp.SelectivityCallback(importance=True, **common)
+        return lp.SelectivityCallback(importance=True, **units, **common)
     if name == "landscape":
         return lp.LandscapeCallback(**common)
     raise ValueError(name)
@@ -138,12 +147,14 @@ def train_step_seconds(module: pl.LightningModule, loader: DataLoader, repeats: 
 def build(name: str, args: argparse.Namespace) -> tuple[Callable[[], pl.LightningModule], Any]:
     if name == "resnet":
         return (lambda: ResNet18(args.width)), image_loader(512, 128)
+    if name == "bert":
+        return bert_model, class_token_loader(256, 16)
     return gpt2_model, token_loader(256, 16)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--models", nargs="+", default=["resnet", "gpt2"])
+    parser.add_argument("--models", nargs="+", default=["resnet", "gpt2", "bert"])
     parser.add_argument("--probes", nargs="+", default=list(PROBES), choices=PROBES)
     parser.add_argument("--quick", action="store_true", help="one run per probe, 2 NAD networks")
     parser.add_argument("--width", type=int, default=8, help="ResNet-18 first-stage channels")

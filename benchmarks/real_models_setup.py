@@ -71,6 +71,39 @@ def gpt2_model() -> pl.LightningModule:
     return GPT2()
 
 
+BERT_TOKENS = 32
+BERT_UNITS = "model.bert.encoder.layer.*.intermediate.dense"
+"""Selectivity's layers on BERT: the feed-forward units, read after their ReLU (the defaults
+include the pooler, whose tanh output can be negative, and are refused)."""
+
+
+class BERT(_Module):
+    """HF ``BertForSequenceClassification``: 4 layers, width 128, 4 heads, feed-forward 512
+    with ReLU units, 32 tokens with attention masks, 10 classes; dict batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertForSequenceClassification
+
+        cfg = BertConfig(
+            vocab_size=VOCAB, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+            intermediate_size=512, max_position_embeddings=BERT_TOKENS, num_labels=10,
+            hidden_act="relu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        )  # fmt: skip
+        self.model = BertForSequenceClassification(cfg)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        return default_loss(logits, batch["labels"])
+
+
+def bert_model() -> pl.LightningModule:
+    return BERT()
+
+
 class _Dict(torch.utils.data.Dataset):
     def __init__(self, ids: Tensor) -> None:
         self.ids = ids
@@ -80,6 +113,27 @@ class _Dict(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         return {"input_ids": self.ids[i], "labels": self.ids[i].roll(-1)}
+
+
+class _Classes(torch.utils.data.Dataset):
+    def __init__(self, ids: Tensor, mask: Tensor, labels: Tensor) -> None:
+        self.ids, self.mask, self.labels = ids, mask, labels
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+
+def class_token_loader(n: int, batch_size: int) -> DataLoader:
+    """Right-padded token ids (lengths 8..32) with attention masks and one class per sequence."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, VOCAB, (n, BERT_TOKENS), generator=g)
+    lengths = torch.randint(8, BERT_TOKENS + 1, (n,), generator=g)
+    mask = (torch.arange(BERT_TOKENS) < lengths[:, None]).long()
+    labels = (ids[:, 0] + ids[:, 1]) % 10
+    return DataLoader(_Classes(ids * mask, mask, labels), batch_size=batch_size, shuffle=True)
 
 
 def token_loader(n: int, batch_size: int) -> DataLoader:
@@ -244,7 +298,8 @@ def minimum(name: str, cb: Any, module: pl.LightningModule, size: int) -> tuple[
         gram = flops / matmul_rate()
         note = f"fwd + {o} bwd ({bwd:.3f} s) + {flops / 1e9:.1f} GF Gram ({gram:.2f} s)"
         return fwd + o * bwd + gram, note
-    trace = trace_model(model, data.inputs, None, True, cb.output_fn, data.targets)
+    layers = getattr(cb, "layers", None)  # selectivity on BERT: its ReLU units
+    trace = trace_model(model, data.inputs, layers, True, cb.output_fn, data.targets)
     points = [trace.points[i] for i in trace.order]
     prefix = {p.name: prefix_seconds(model, data.inputs, p.module) for p in points}
     first = points[0]
@@ -263,7 +318,7 @@ def minimum(name: str, cb: Any, module: pl.LightningModule, size: int) -> tuple[
 def nad(module: pl.LightningModule, model_name: str, networks: int) -> tuple[float, float, str]:
     """``(seconds, minimum, note)`` of the NAD secant basis at 256 networks, scaled."""
     if model_name != "resnet":
-        raise ValueError("n/a: NADs need real-valued inputs (GPT-2 takes token ids)")
+        raise ValueError("n/a: NADs need real-valued inputs (the transformers take token ids)")
     shape = (3, 32, 32)
     d = math.prod(shape)
     factory = type(module)
