@@ -159,6 +159,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one run per probe, 2 NAD networks")
     parser.add_argument("--width", type=int, default=8, help="ResNet-18 first-stage channels")
     parser.add_argument("--gpt2-outputs", type=int, default=10, choices=(10, 100))
+    parser.add_argument("--probe-size", type=int, help="override the models' probe sets")
     parser.add_argument("--nad-networks", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -171,7 +172,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads; times in s, last of {runs} runs")
     for model_name in args.models:
         factory, loader = build(model_name, args)
-        size = 256 if model_name == "resnet" else 64
+        size = args.probe_size or (256 if model_name == "resnet" else 64)
         pl.seed_everything(0, verbose=False)
         step = train_step_seconds(factory(), loader, 3 if args.quick else 5)
         print(f"\n{model_name}: probe set {size}, training step {step:.3f} s "
