@@ -25,9 +25,10 @@ from lightning_probes.core.interventions.ablation import AblationValue, default_
 from lightning_probes.core.interventions.selectivity import (
     num_outputs,
     selectivity_trace,
+    trace_activity,
     unit_ablation_impact,
-    unit_activity,
 )
+from lightning_probes.core.interventions.trace import Trace, trace_model
 from lightning_probes.core.layers import check_layer_spec, select_layers
 from lightning_probes.functional.selectivity import (
     binned_mutual_information,
@@ -105,6 +106,7 @@ class SelectivityCallback(ProbeCallback):
         self.value = value
         self.output_fn = output_fn
         self.memory_budget = memory_budget
+        self._resolved: tuple[Trace, int] | None = None
         self.last_selectivity: dict[str, torch.Tensor] = {}
         self.last_impact: dict[str, torch.Tensor] = {}
 
@@ -139,18 +141,27 @@ class SelectivityCallback(ProbeCallback):
         """
         return None if self.importance else units.seconds(forwards=1)
 
+    def _points(self, pl_module: LightningModule, x: Any) -> tuple[Trace, int]:
+        """The traced points and the number of classes, kept while the model's modules stay.
+
+        Tracing runs a few forwards of two or three samples; they are repeated only when a
+        point's module is no longer the model's module of that name (another model, a
+        replaced layer, an unsharded replica).
+        """
+        named = dict(pl_module.named_modules())
+        kept = self._resolved
+        if kept is None or any(named.get(p.name) is not p.module for p in kept[0].points):
+            trace = trace_model(pl_module, x, self.layers, self.follow_activation, self.output_fn)
+            classes = self.num_classes or num_outputs(pl_module, x, self.output_fn)
+            kept = self._resolved = (trace, classes)
+        return kept
+
     @override
     def probe(self, trainer: Trainer, pl_module: LightningModule, data: ProbeSet) -> None:
         x, y = data.inputs, data.targets
         assert y is not None
-        classes = self.num_classes or num_outputs(pl_module, x, self.output_fn)
-        acts = unit_activity(
-            pl_module,
-            x,
-            layers=self.layers,
-            follow_activation=self.follow_activation,
-            output_fn=self.output_fn,
-        )
+        trace, classes = self._points(pl_module, x)
+        acts = trace_activity(pl_module, x, trace)
         impact = {}
         if self.importance:
             impact = unit_ablation_impact(

@@ -92,3 +92,27 @@ def test_tensorboard_histograms_and_scatter(tmp_path):
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SelectivityCallback(**kwargs)
+
+
+def test_points_are_traced_once_and_again_when_a_point_module_is_replaced(tmp_path, monkeypatch):
+    import lightning_probes.callbacks.selectivity as selectivity_module
+
+    traced = []
+    original = selectivity_module.trace_model
+    monkeypatch.setattr(
+        selectivity_module, "trace_model", lambda *a, **k: traced.append(1) or original(*a, **k)
+    )
+    cb = SelectivityCallback(probe_size=32, every_n_steps=1)
+    pl.seed_everything(0, verbose=False)
+    module = TinyClassifier()
+    make_trainer(tmp_path / "a", [cb], max_steps=3).fit(module, make_loader())
+    assert cb._runs == 3 and len(traced) == 1  # three runs, one trace
+    module.net[4] = torch.nn.ReLU()  # the point's module replaced: traced again, right values
+    make_trainer(tmp_path / "b", [cb], max_steps=1).fit(module, make_loader())
+    assert len(traced) == 2
+    module.eval()
+    want = class_selectivity(
+        module, cb.probe_set.inputs, cb.probe_set.targets, layers=None, num_classes=3
+    )
+    for layer, si in want.items():
+        torch.testing.assert_close(cb.last_selectivity[layer], si)
