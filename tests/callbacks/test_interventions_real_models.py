@@ -3,6 +3,8 @@ mask through the whole probe; what selectivity cannot measure stops the fit at i
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -22,12 +24,14 @@ def test_ablation_callback_on_bert_dict_batches_logs_the_masked_curve(tmp_path):
     model = BertClassifier()
     cb = AblationAUCCallback(num_orderings=2, num_points=5, probe_size=16, on_error="raise")
     trainer = make_trainer(tmp_path, [cb], max_steps=-1, max_epochs=1)
-    with pytest.warns(UserWarning, match="mixes activations"):
+    with warnings.catch_warnings():  # per-sample arguments repeated: no fallback
+        warnings.filterwarnings("error", message=".*mixes activations")
         trainer.fit(model, dict_loader(token_data(32, classes=3)))
     inputs = cb.probe_set.inputs
     assert set(inputs) == {"input_ids", "attention_mask"}
     model.eval()
-    with pytest.warns(UserWarning, match="mixes activations"):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*mixes activations")
         curve = ablation_curve(model, inputs, cb.probe_set.targets, layers=None, num_orderings=2,
                                fractions=torch.linspace(0, 1, 5),
                                generator=torch.Generator().manual_seed(cb.seed))  # fmt: skip
