@@ -18,8 +18,10 @@ its ratio to what the method must compute, measured in the same process:
   ``splits + 1`` gradient evaluations, the splits its tolerance rule chose in the last run
   (capped at 8; Simpson's 2 when the rule needs no refinement);
 - ``cka`` (layer tangent kernels): one forward, ``o`` backward passes of the probe set, plus the
-  Gram products' flops (per layer the cheaper of ``(n·o)²·P`` through per-sample gradients
-  and the forward/backward factor route) at the matmul rate measured here;
+  Gram products' flops at the matmul rate measured here: per layer the cheaper of ``(n·o)²·P``
+  through per-sample gradients and ``n²t(t·k + t·o·m + o²·m)`` through the forward Gram of the
+  layer's ``t`` positions (``k`` inputs, ``m`` outputs), counted as multiply-adds of the full
+  product (a symmetric product computes about half of them);
 - ``ablation``: one forward of the ablated suffix (from the first ablated point on) per distinct
   mask (``orderings × (points - 2) + 2``), plus one forward of the prefix;
 - ``selectivity`` (default, ``importance=False``): one forward of the probe set;

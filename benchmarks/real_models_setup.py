@@ -242,7 +242,10 @@ def gram_flops(model: nn.Module, data: ProbeSet, layers: dict[str, nn.Module], o
     for name, (k_in, k_out, pos) in shapes.items():
         p = sum(q.numel() for q in layers[name].parameters(recurse=False))
         per_sample = 2.0 * n * o * pos * k_in * k_out + (n * o) ** 2 * p
-        factored = (n * pos) ** 2 * k_in + (n * o * pos) ** 2 * k_out + 2.0 * (n * o * pos) ** 2
+        # the forward Gram contracted with the output gradients in the cheapest order
+        # (factors.py): n²t(t·k + t·o·m + o²·m); with positions the Hadamard form of the
+        # backward Gram, (n·t)²k + (n·o·t)²(m + 2), costs more
+        factored = float(n) ** 2 * pos * (pos * k_in + pos * o * k_out + o**2 * k_out)
         total += min(per_sample, factored)
     return total
 

@@ -14,10 +14,19 @@ over a sequence, or a convolution on its patches ``a``), with
                      (\delta^c_{ipg} \cdot \delta^d_{jqg}).
 
 Two exact ways to evaluate a block, chosen per layer by a flop count (:meth:`AffineFactors.method`):
-``"gram"`` contracts position-pair Grams (no per-sample gradient is ever formed; best when
-there are few positions, e.g. every Linear on flat inputs), ``"jacobian"`` forms per-sample
+``"gram"`` contracts the forward Gram :math:`F_{ip,jq} = a_{ip} \cdot a_{jq}` with the output
+gradients (no per-sample gradient is ever formed; best when there are few positions, e.g.
+every Linear on flat inputs and a ResNet's last stage), ``"jacobian"`` forms per-sample
 gradients :math:`J_{ic} = \sum_p \delta^c_{ip} a_{ip}^T` and returns :math:`J_R J_S^T` (best
 for convolutions with many output pixels).
+
+With positions, ``"gram"`` takes the cheapest order we know,
+:math:`H_{j,ip,md} = \sum_q F_{ip,jq} \delta^d_{jqm}` then
+:math:`K_{ic,jd} = \sum_{p,m} \delta^c_{ipm} H_{j,ip,md}`: :math:`n^2 t (t k + t o m + o^2 m)`
+multiply-adds against :math:`(n o)^2 k m` for ``J J^T``. Its contractions over positions are
+thin (inner dimension ``t``), so they run in tiles of a few samples whose ``H`` stays in the
+cache, and a diagonal block computes each off-diagonal tile once (``bench_conv_routes.py``:
+ResNet-18's widest conv, t = 16, 0.38 s against 1.5 s for ``J J^T``).
 """
 
 from __future__ import annotations
@@ -37,10 +46,12 @@ KernelPath = Literal["auto", "gram", "jacobian"]
 
 
 GRAM_SLOWDOWN = 4.0
-"""Time per multiply-add of the position-pair Gram einsum relative to the dense GEMM of the
-per-sample-gradient path (measured on CPU: at equal counts the Gram contraction was ~2-4x
-slower, e.g. the 4-conv CIFAR-shaped CNN of ``benchmarks/bench_kernels.py``, n=64: "auto"
-without this factor chose Gram for its last conv and took 0.62 s, against 0.29 s)."""
+"""Time per multiply-add of the ``"gram"`` route relative to the dense GEMM of the
+per-sample-gradient route, an upper bound for choosing between them: its contractions over
+positions are thin (inner dimension ``t``). ``benchmarks/bench_conv_routes.py`` measured 2.2 on
+ResNet-18's widest conv (t = 16, 0.35 s against 1.45 s); the earlier position-loop form of
+the route was slower still (the 4-conv CIFAR-shaped CNN of ``bench_kernels.py``, n = 64, took
+0.62 s against 0.29 s when its last conv went that way)."""
 
 
 @dataclass
@@ -81,10 +92,12 @@ class AffineFactors:
         return int(self.grads.shape[0])
 
     def gram_cost(self) -> float:
-        """Multiply-adds of the full kernel by position-pair Gram contraction."""
+        """Multiply-adds of the full kernel by the forward-Gram contraction (module docstring)."""
         n, t, g, i = self.features.shape
         o, m = self.grads.shape[0], self.grads.shape[-1]
-        return float(n) ** 2 * t**2 * g * (i + o**2 * (m + 1))
+        if t == 1:  # forward and backward Grams, then their Hadamard product
+            return float(n) ** 2 * g * (i + o**2 * (m + 1))
+        return float(n) ** 2 * t * g * (t * i + t * o * m + o**2 * m)
 
     @property
     def num_params(self) -> int:
@@ -139,12 +152,49 @@ class AffineFactors:
                 back_s = ds[:, :, 0, 0].transpose(0, 1).reshape(s * o, -1)
                 backward = (back_r @ back_s.T).view(r, o, s, o)
             return (backward * forward[:, None, :, None]).view(r * o, s * o)
+        same = (rows.start, rows.stop) == (cols.start, cols.stop)
         out = torch.zeros(r, o, s, o, dtype=ar.dtype, device=ar.device)
-        for p in range(t):  # one position of the rows against all positions of the columns
-            forward = torch.einsum("igk,jqgk->gijq", ar[:, p], as_) + one
-            backward = torch.einsum("cigm,djqgm->gicjdq", dr[:, :, p], ds)
-            out += torch.einsum("gijq,gicjdq->icjd", forward, backward)
+        for group in range(g):
+            _add_position_pairs(out, ar[:, :, group], as_[:, :, group], dr[:, :, :, group],
+                                ds[:, :, :, group], one, same)  # fmt: skip
         return out.view(r * o, s * o)
+
+
+TILE_ELEMENTS = 2**20
+"""Elements of one tile's ``H`` (4 MiB in float32, kept in the cache between its two products;
+for ResNet-18's ``layer4`` on the 2-core CPU, tiles of 8 to 14 samples a side ran within 4%
+of each other, 3 samples 1.6x slower)."""
+
+
+def _add_position_pairs(
+    out: Tensor, ar: Tensor, as_: Tensor, dr: Tensor, ds: Tensor, one: float, same: bool
+) -> None:
+    r"""``out[i,c,j,d] += Σ_pq (a_ip·a_jq + one)(δ^c_ip·δ^d_jq)`` for one group, tile by tile.
+
+    ``ar`` ``[r, t, k]``, ``as_`` ``[s, t, k]``, ``dr`` ``[o, r, t, m]``, ``ds`` ``[o, s, t, m]``;
+    with ``same`` (rows are columns) each off-diagonal tile is computed once and mirrored.
+    """
+    r, t, k = ar.shape
+    s, (o, m) = as_.shape[0], (dr.shape[0], dr.shape[-1])
+    side = max(1, int((TILE_ELEMENTS / (t * m * o)) ** 0.5))
+    cols_q = ds.permute(1, 2, 3, 0).reshape(s, t, m * o)  # δ[j, q, (m d)]
+    rows_p = dr.permute(1, 0, 2, 3).reshape(r, o, t * m)  # δ[i, c, (p m)]
+    cols_a = as_.reshape(s * t, k)
+    for i0 in range(0, r, side):
+        i1 = min(r, i0 + side)
+        j_first = i0 if same else 0
+        # F rows of this tile: a_ip · a_jq for every later column sample
+        f = (ar[i0:i1].reshape(-1, k) @ cols_a[j_first * t :].T).view(i1 - i0, t, -1, t)
+        if one:
+            f = f + one
+        for j0 in range(j_first, s, side):
+            j1 = min(s, j0 + side)
+            fj = f[:, :, j0 - j_first : j1 - j_first].permute(2, 0, 1, 3).reshape(j1 - j0, -1, t)
+            h = torch.bmm(fj, cols_q[j0:j1]).view(j1 - j0, i1 - i0, t * m, o)  # H[j, i, (p m), d]
+            blk = torch.matmul(rows_p[i0:i1].unsqueeze(0), h)  # [j, i, c, d]
+            out[i0:i1, :, j0:j1] += blk.permute(1, 2, 0, 3)
+            if same and j0 != i0:
+                out[j0:j1, :, i0:i1] += blk.permute(0, 3, 1, 2)
 
 
 @dataclass

@@ -8,6 +8,7 @@ from reference import reference_kernels
 from torch import nn
 
 from lightning_probes.core.kernels import capture as kernels_capture
+from lightning_probes.core.kernels import factors as kernels_factors
 from lightning_probes.core.kernels import forward_backward_kernels, layer_tangent_kernels
 from lightning_probes.core.kernels.factors import AffineFactors
 
@@ -242,3 +243,20 @@ def test_other_errors():
         ValueError, match="Expected `chunk_size` to be a positive int or None, got 0"
     ):
         layer_tangent_kernels(net, x, chunk_size=0)
+
+
+@pytest.mark.parametrize("side", [1, 2, 5])  # samples per tile of conv 2 (uneven last tiles)
+@pytest.mark.parametrize("chunk_size", [None, 3])  # diagonal blocks mirror tiles; others not
+def test_tiled_position_pair_route_matches_torch_func(side, chunk_size, monkeypatch):
+    """The forward-Gram route in tiles of a few samples (groups, bias, no bias, stride)."""
+    # conv 2: t = 4 positions, m = 3 channels per group, o = 3 outputs
+    monkeypatch.setattr(kernels_factors, "TILE_ELEMENTS", side**2 * 4 * 3 * 3)
+    torch.manual_seed(4)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 6, 3, groups=2, padding=1, bias=False), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 2 * 2, 3),
+    ).double().eval()  # fmt: skip
+    x = torch.randn(11, 3, 4, 4, dtype=torch.float64)
+    got = layer_tangent_kernels(net, x, layers=["0", "2"], method="gram", chunk_size=chunk_size)
+    assert_close_kernels(got, reference_kernels(net, x, got))
