@@ -247,10 +247,15 @@ def test_other_errors():
 
 @pytest.mark.parametrize("side", [1, 2, 5])  # samples per tile of conv 2 (uneven last tiles)
 @pytest.mark.parametrize("chunk_size", [None, 3])  # diagonal blocks mirror tiles; others not
-def test_tiled_position_pair_route_matches_torch_func(side, chunk_size, monkeypatch):
+@pytest.mark.parametrize("one_tile_per_f", [False, True])  # F over all columns, or per tile
+def test_tiled_position_pair_route_matches_torch_func(
+    side, chunk_size, one_tile_per_f, monkeypatch
+):
     """The forward-Gram route in tiles of a few samples (groups, bias, no bias, stride)."""
     # conv 2: t = 4 positions, m = 3 channels per group, o = 3 outputs
     monkeypatch.setattr(kernels_factors, "TILE_ELEMENTS", side**2 * 4 * 3 * 3)
+    if one_tile_per_f:
+        monkeypatch.setattr(kernels_factors, "F_ELEMENTS", 1)
     torch.manual_seed(4)
     net = nn.Sequential(
         nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(),
