@@ -26,7 +26,7 @@ With positions, ``"gram"`` takes the cheapest order we know,
 multiply-adds against :math:`(n o)^2 k m` for ``J J^T``. Its contractions over positions are
 thin (inner dimension ``t``), so they run in tiles of a few samples whose ``H`` stays in the
 cache, and a diagonal block computes each off-diagonal tile once (``bench_conv_routes.py``:
-ResNet-18's widest conv, t = 16, 0.35 s against 1.45 s for ``J J^T``).
+ResNet-18's widest conv, t = 16, 0.35 s against 1.32-1.48 s for ``J J^T``).
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ KernelPath = Literal["auto", "gram", "jacobian"]
 GRAM_SLOWDOWN = 4.0
 """Time per multiply-add of the ``"gram"`` route relative to the dense GEMM of the
 per-sample-gradient route, an upper bound for choosing between them: its contractions over
-positions are thin (inner dimension ``t``). ``benchmarks/bench_conv_routes.py`` measured 2.2 on
-ResNet-18's widest conv (t = 16, 0.35 s against 1.45 s); the earlier position-loop form of
-the route was slower still (the 4-conv CIFAR-shaped CNN of ``bench_kernels.py``, n = 64, took
-0.62 s against 0.29 s when its last conv went that way)."""
+positions are thin (inner dimension ``t``). ``benchmarks/bench_conv_routes.py`` measured
+2.2-2.4 on ResNet-18's widest conv (t = 16, 0.35 s against 1.32-1.48 s); the earlier
+position-loop form of the route was slower still (the 4-conv CIFAR-shaped CNN of
+``bench_kernels.py``, n = 64, took 0.62 s against 0.29 s when its last conv went that way)."""
 
 
 @dataclass
