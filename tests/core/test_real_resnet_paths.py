@@ -75,3 +75,17 @@ def test_statistics_of_a_float32_narrow_resnet_conv_equal_float64_references():
     }
     for key, value in want.items():
         torch.testing.assert_close(getattr(got, key), value, rtol=2e-5, atol=0, msg=key)
+
+
+def test_forward_gram_route_of_resnet_convs_equals_float64_jacrev_kernels(monkeypatch):
+    """The tiled forward-Gram route on the ResNet's later convs (BatchNorm, downsample)."""
+    from lightning_probes.core.kernels import factors, layer_tangent_kernels
+
+    monkeypatch.setattr(factors, "TILE_ELEMENTS", 2**10)  # tiles of 1-2 samples: mirrored
+    net = resnet()
+    x = torch.randn(7, 3, 16, 16, dtype=torch.float64)
+    layers = ["layer3.0.conv2", "layer4.0.conv1", "layer4.0.downsample.0", "layer4.1.conv2"]
+    got = layer_tangent_kernels(net, x, layers=layers, method="gram")
+    want = reference_kernels(net, x, layers)
+    for name in layers:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12)
