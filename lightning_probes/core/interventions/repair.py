@@ -75,6 +75,7 @@ def _arguments_with_rows(
     handles = [
         m.register_forward_pre_hook(hook(name), with_kwargs=True)
         for name, m in model.named_modules()
+        if not isinstance(m, torch.jit.ScriptModule)  # takes no hooks: its arguments stay
     ]
     try:
         with torch.no_grad():

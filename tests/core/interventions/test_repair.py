@@ -72,3 +72,12 @@ def test_unit_impact_with_a_residual_argument_equals_a_loop():
     want = torch.stack([loss(j) - loss(None) for j in range(8)])
     assert want.abs().max() > 1e-3
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_a_scripted_module_takes_no_hooks_and_is_left_out():
+    """TorchScript modules refuse hooks: the search registers none on them and does not raise."""
+    torch.manual_seed(0)
+    net = Net().double().eval()
+    net.out.fc = torch.jit.script(net.out.fc)
+    found = per_sample_arguments(net, torch.randn(T, T, 4, dtype=torch.float64))
+    assert "out.fc" not in found and found["out"] == (frozenset({0, 1}), frozenset())
