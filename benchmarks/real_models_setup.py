@@ -47,24 +47,14 @@ class ResNet18(real_models.ResNet18):
     configure_optimizers = _Module.configure_optimizers
 
 
-class GPT2(_Module):
-    """HF ``GPT2LMHeadModel``: 4 layers, width 256, 4 heads, 64 tokens, vocabulary 100."""
+class GPT2(real_models.GPT2LM):
+    """The tests' HF ``GPT2LMHeadModel`` at 4 layers, width 256, 4 heads, 64 tokens, vocabulary
+    100, trained here with momentum like the other benchmark models."""
+
+    configure_optimizers = _Module.configure_optimizers
 
     def __init__(self) -> None:
-        super().__init__()
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        cfg = GPT2Config(
-            vocab_size=VOCAB, n_positions=TOKENS, n_embd=256, n_layer=4, n_head=4,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        )  # fmt: skip
-        self.model = GPT2LMHeadModel(cfg)
-
-    def forward(self, input_ids: Tensor) -> Tensor:
-        return self.model(input_ids=input_ids).logits
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return default_loss(self(batch["input_ids"]), batch["labels"])
+        super().__init__(vocab_size=VOCAB, n_positions=TOKENS, n_embd=256, n_layer=4, n_head=4)
 
 
 def gpt2_model() -> pl.LightningModule:
@@ -77,27 +67,19 @@ BERT_UNITS = "model.bert.encoder.layer.*.intermediate.dense"
 include the pooler, whose tanh output can be negative, and are refused)."""
 
 
-class BERT(_Module):
-    """HF ``BertForSequenceClassification``: 4 layers, width 128, 4 heads, feed-forward 512
-    with ReLU units, 32 tokens with attention masks, 10 classes; dict batches."""
+class BERT(real_models.BertClassifier):
+    """The tests' HF ``BertForSequenceClassification`` at 4 layers, width 128, 4 heads,
+    feed-forward 512 with ReLU units, 32 tokens with attention masks, 10 classes; dict batches,
+    trained with momentum."""
+
+    configure_optimizers = _Module.configure_optimizers
 
     def __init__(self) -> None:
-        super().__init__()
-        from transformers import BertConfig, BertForSequenceClassification
-
-        cfg = BertConfig(
+        super().__init__(
             vocab_size=VOCAB, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
             intermediate_size=512, max_position_embeddings=BERT_TOKENS, num_labels=10,
-            hidden_act="relu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            hidden_act="relu",
         )  # fmt: skip
-        self.model = BertForSequenceClassification(cfg)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        return default_loss(logits, batch["labels"])
 
 
 def bert_model() -> pl.LightningModule:

@@ -30,14 +30,15 @@ class _Module(pl.LightningModule):
 class GPT2LM(_Module):
     """``forward(input_ids) -> logits [n, L, V]``; next-token loss on ``labels`` ``[n, L]``."""
 
-    def __init__(self) -> None:
+    def __init__(self, **config: Any) -> None:
+        """``config``: ``GPT2Config`` fields over the tiny defaults (the benchmarks' larger one)."""
         super().__init__()
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        cfg = GPT2Config(
-            vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        )  # fmt: skip
+        cfg = GPT2Config(**{
+            "vocab_size": VOCAB, "n_positions": SEQ, "n_embd": 32, "n_layer": 2, "n_head": 2,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **config,
+        })  # fmt: skip
         self.model = GPT2LMHeadModel(cfg)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -51,15 +52,17 @@ class GPT2LM(_Module):
 class BertClassifier(_Module):
     """``forward(input_ids, attention_mask) -> logits [n, 3]``, trained on dict batches."""
 
-    def __init__(self) -> None:
+    def __init__(self, **config: Any) -> None:
+        """``config``: ``BertConfig`` fields over the tiny defaults (the benchmarks' larger one)."""
         super().__init__()
         from transformers import BertConfig, BertForSequenceClassification
 
-        cfg = BertConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=64, max_position_embeddings=SEQ, num_labels=3,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        )  # fmt: skip
+        cfg = BertConfig(**{
+            "vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": SEQ,
+            "num_labels": 3, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+            **config,
+        })  # fmt: skip
         self.model = BertForSequenceClassification(cfg)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
